@@ -1,0 +1,83 @@
+"""Pieces shared by the commands: image-folder options and one-line error reporting."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+
+import click
+
+from onnx_fskd.data import ImageOptions
+from onnx_fskd.errors import FskdError, UsageError
+
+
+class ImageSize(click.ParamType):
+    """HxW, or one number for square images."""
+
+    name = "HxW"
+
+    def convert(self, value, param, ctx) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(value))
+        if not match or int(match[1]) == 0 or (match[2] and int(match[2]) == 0):
+            self.fail(f"expected HxW such as 224x224 (or 224 for square images), got {value!r}", param, ctx)
+        return int(match[1]), int(match[2] or match[1])
+
+
+class FloatList(click.ParamType):
+    """Comma-separated floats, one per channel or one for all."""
+
+    name = "FLOATS"
+
+    def convert(self, value, param, ctx) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(part) for part in str(value).split(","))
+        except ValueError:
+            self.fail(f"expected comma-separated numbers such as 0.485,0.456,0.406, got {value!r}", param, ctx)
+
+
+def image_options(command: Callable) -> Callable:
+    """Add the options that turn a folder of images into the model's input tensor (see data.ImageOptions)."""
+    defaults = ImageOptions()
+    options = [
+        click.option("--image-size", type=ImageSize(), default=None, metavar="HxW",
+                     help="Resize images to HxW (default: the model's input size)."),
+        click.option("--mean", type=FloatList(), default=None, metavar="M[,M,...]",
+                     help=f"Per-channel mean subtracted after scaling (default {defaults.mean[0]:g})."),
+        click.option("--std", type=FloatList(), default=None, metavar="S[,S,...]",
+                     help=f"Per-channel std dividing after the mean (default {defaults.std[0]:g})."),
+        click.option("--scale", type=float, default=None,
+                     help=f"Pixel multiplier applied first (default 1/255 = {defaults.scale:.6g})."),
+        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=defaults.layout, show_default=True,
+                     help="Channel layout of the model's image input."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_image_options(image_size: tuple[int, int] | None, mean: tuple[float, ...] | None,
+                        std: tuple[float, ...] | None, scale: float | None, layout: str) -> ImageOptions:
+    """ImageOptions from the parsed options; anything not given keeps the dataclass default."""
+    if std is not None and 0.0 in std:
+        raise UsageError("--std values must be non-zero")
+    given = {"size": image_size, "mean": mean, "std": std, "scale": scale, "layout": layout}
+    return ImageOptions(**{key: value for key, value in given.items() if value is not None})
+
+
+def reports_errors(command: Callable) -> Callable:
+    """Print an FskdError as one 'error: ...' line on stderr and exit 1 (2 for usage errors), no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FskdError as exc:
+            click.echo(f"error: {exc}", err=True)
+            raise click.exceptions.Exit(2 if isinstance(exc, UsageError) else 1) from None
+
+    return wrapper

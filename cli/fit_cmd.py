@@ -1,0 +1,107 @@
+"""`onnx-fskd fit`: recover a compressed student from a few unlabeled samples."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from onnx_fskd.data import input_specs, load_samples
+from onnx_fskd.errors import FskdError
+from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
+from onnx_fskd.pipeline import FitConfig, fit
+from onnx_fskd.report import FitReport
+from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES
+
+from .common import build_image_options, image_options, reports_errors
+
+_DEFAULTS = FitConfig()
+
+
+@click.command("fit")
+@click.argument("teacher_path", metavar="TEACHER.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--student", "student_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The compressed model to recover (pruned or decomposed).")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="Unlabeled samples: .npy, .npz (one array per input) or a folder of images.")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the recovered student.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
+@click.option("--mode", type=click.Choice(["sequential", "parallel"]), default=_DEFAULTS.mode, show_default=True,
+              help="sequential: each point sees the corrected earlier points (the paper); parallel: one pass, for comparison.")
+@click.option("--points", type=click.Choice(["auto", "block-ends"]), default=_DEFAULTS.points, show_default=True,
+              help="auto: every paired Conv/Gemm/MatMul; block-ends: the last linear op of each block only.")
+@click.option("--residual-target", type=click.Choice(["sum", "plain"]), default=_DEFAULTS.residual_target,
+              show_default=True, help="For a point feeding a residual Add: match the teacher's sum, or its own output.")
+@click.option("--ridge", type=click.FloatRange(min=0), default=_DEFAULTS.ridge, show_default=True,
+              help="Ridge strength relative to the Gram trace; Q is shrunk towards identity.")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=_DEFAULTS.holdout, show_default=True,
+              help="Fraction of samples held out to accept or reject each point's Q.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
+              help="Batch size for ONNX Runtime (a fixed batch dimension in the model wins).")
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
+              help="ONNX Runtime provider; auto takes CUDA when onnxruntime-gpu can use it.")
+@click.option("--map", "map_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSON map of teacher→student points and kept channels (see README), when pairing is ambiguous.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the fit report as JSON.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@image_options
+@reports_errors
+def fit_command(teacher_path: Path, student_path: Path, data_path: Path, output_path: Path,
+                num_samples: int | None, mode: str, points: str, residual_target: str, ridge: float,
+                holdout: float, batch_size: int, provider: str, map_path: Path | None,
+                report_path: Path | None, force: bool, **image) -> None:
+    """Fit one least-squares 1x1 correction per point of the student so its outputs follow
+    TEACHER.onnx, merge them into the student's weights (no node added) and write -o."""
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    inputs = [teacher_path, student_path, data_path]
+    check_output_path(output_path, inputs, force)
+    if report_path:
+        check_output_path(report_path, inputs + [output_path], force=True)
+    teacher, student = load_model(teacher_path), load_model(student_path)
+    samples = load_samples(data_path, input_specs(student), num_samples, build_image_options(**image))
+    config = FitConfig(mode=mode, points=points, residual_target=residual_target, ridge=ridge, holdout=holdout,
+                       batch_size=batch_size, provider=provider)
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("fitting points", total=None)
+        result = fit(teacher, student, samples, config, str(map_path) if map_path else None,
+                     progress=lambda stage, done, total: bar.update(task, completed=done, total=total))
+    save_model_atomic(result.model, output_path, like=student)
+    if report_path:
+        try:
+            report_path.write_text(json.dumps(result.report.to_json(), indent=2) + "\n")
+        except OSError as exc:
+            raise FskdError(f"cannot write {report_path}: {exc.strerror or exc}") from None
+    _print_report(result.report, output_path)
+
+
+def _print_report(report: FitReport, output_path: Path) -> None:
+    console = Console()
+    table = Table(title=f"FSKD fit ({report.mode}, {report.samples_fit} fit + {report.samples_heldout} held-out samples, "
+                        f"{report.provider})")
+    for column in ("point", "op", "channels", "rows", "target", "channel map", "held-out error", "status"):
+        table.add_column(column)
+    for p in report.points:
+        channels = f"{p.channels}/{p.teacher_channels}" if p.channels != p.teacher_channels else str(p.channels)
+        table.add_row(p.student, p.op_type + (f" g={p.groups}" if p.groups > 1 else ""), channels, f"{p.rows:,}",
+                      p.target, p.channel_map, f"{p.error_before:.4f} → {p.error_after:.4f}",
+                      "[green]kept[/]" if p.status == "kept" else "[yellow]rejected[/]")
+    console.print(table)
+    for skipped in report.skipped:
+        console.print(f"skipped {skipped['node']}: {skipped['reason']}")
+    if report.rejected:
+        console.print(f"guard rejected {len(report.rejected)} point(s): {', '.join(report.rejected)}")
+    b, a = report.before, report.after
+    console.print(f"output vs teacher (held-out): relative error {b.relative_error:.4f} → {a.relative_error:.4f}, "
+                  f"top-1 agreement {b.agreement:.2%} → {a.agreement:.2%}")
+    console.print(f"merge exactness {report.exactness:.1e}; time "
+                  + ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
+    console.print(f"wrote {output_path}")

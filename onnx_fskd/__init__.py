@@ -1,0 +1,3 @@
+"""onnx-fskd: few-sample knowledge distillation for compressed ONNX models."""
+
+__version__ = "0.1.0"

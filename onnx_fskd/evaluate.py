@@ -1,0 +1,139 @@
+"""Evaluate a model on samples: accuracy, agreement with a reference, costs and ORT latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .costs import count_costs
+from .data import InputSpec, Samples, input_specs
+from .errors import FskdError
+from .metrics import accuracy, relative_error, top1_agreement
+from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
+
+WARMUP_RUNS = 3
+DEFAULT_REPEATS = 20
+
+
+@dataclass
+class EvalResult:
+    """What ``onnx-fskd eval`` reports; ``to_json`` keys are a stable interface for scripts."""
+
+    accuracy: float | None
+    agreement: float | None
+    relative_error: float | None
+    params: int
+    macs: int  # per sample
+    latency_ms: dict[str, float]
+    samples: int
+    provider: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(model: onnx.ModelProto, samples: Samples, reference: onnx.ModelProto | None = None,
+             providers: list[str] | None = None, batch_size: int = DEFAULT_BATCH,
+             latency_batch: int | None = None, repeats: int = DEFAULT_REPEATS) -> EvalResult:
+    """Run ``model`` (and ``reference``) over all samples and measure it.
+
+    Accuracy needs labels, agreement and relative error need a reference (both compare first outputs);
+    with neither there is nothing to report, so that is an error.
+    """
+    if samples.labels is None and reference is None:
+        raise FskdError("nothing to compare: samples carry no labels and no --reference given")
+    if reference is not None:
+        _check_same_interface(model, reference)
+    providers = providers or resolve_providers("auto")
+    session = make_session(model, providers)
+    fixed_batch = _fixed_batch(input_specs(model))
+    output = _first_output(session, samples, batch_size, fixed_batch)
+    agreement = error = None
+    if reference is not None:
+        ref_session = make_session(reference, providers)
+        expected = _first_output(ref_session, samples, batch_size, _fixed_batch(input_specs(reference)))
+        agreement, error = top1_agreement(output, expected), relative_error(output, expected)
+    cost = count_costs(model, batch=1)
+    latency_sizes = [fixed_batch] if fixed_batch else sorted({1, latency_batch or batch_size})
+    return EvalResult(
+        accuracy=None if samples.labels is None else accuracy(output, samples.labels),
+        agreement=agreement,
+        relative_error=error,
+        params=cost.params,
+        macs=cost.macs // (fixed_batch or 1),
+        latency_ms={f"batch_{n}": _latency_ms(session, samples, n, repeats) for n in latency_sizes},
+        samples=len(samples),
+        provider=session_device(session),
+    )
+
+
+def _fixed_batch(specs: list[InputSpec]) -> int | None:
+    return specs[0].batch_dim if specs else None
+
+
+def _first_output(session: ort.InferenceSession, samples: Samples, batch_size: int,
+                  fixed_batch: int | None) -> np.ndarray:
+    name = session.get_outputs()[0].name
+    return run_batched(session, samples.arrays, [name], batch_size, fixed_batch)[name]
+
+
+def _latency_ms(session: ort.InferenceSession, samples: Samples, batch: int, repeats: int) -> float:
+    """Median wall time of one run at ``batch`` after warm-up; samples repeat when there are too few."""
+    rows = np.arange(batch) % len(samples)
+    feeds = {name: array[rows] for name, array in samples.arrays.items()}
+    for _ in range(WARMUP_RUNS):
+        session.run(None, feeds)
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def _check_same_interface(model: onnx.ModelProto, reference: onnx.ModelProto) -> None:
+    """The reference must take the same inputs and give the same outputs, or the comparison is meaningless."""
+    for kind, ours, theirs in (("inputs", _inputs(model), _inputs(reference)),
+                               ("outputs", _outputs(model), _outputs(reference))):
+        if len(ours) != len(theirs) or not all(_compatible(a, b) for a, b in zip(ours, theirs)):
+            raise FskdError(f"reference {kind} differ from the model's: model has {_describe(ours)}, "
+                            f"reference has {_describe(theirs)}")
+
+
+# A graph input or output as compared: name, element type ("" for outputs) and shape (None: unknown).
+Signature = tuple[str, str, tuple[int | None, ...] | None]
+
+
+def _inputs(model: onnx.ModelProto) -> list[Signature]:
+    return [(spec.name, str(spec.dtype), spec.shape) for spec in input_specs(model)]
+
+
+def _outputs(model: onnx.ModelProto) -> list[Signature]:
+    """Outputs compare by name and shape only: their precision does not stop the comparison."""
+    return [(value.name, "", tuple(d.dim_value if d.HasField("dim_value") else None
+                                   for d in value.type.tensor_type.shape.dim)
+             if value.type.tensor_type.HasField("shape") else None) for value in model.graph.output]
+
+
+def _compatible(a: Signature, b: Signature) -> bool:
+    """Same name and type; shapes equal past the batch axis wherever both are known (run_batched handles batch)."""
+    (name_a, type_a, shape_a), (name_b, type_b, shape_b) = a, b
+    if name_a != name_b or type_a != type_b:
+        return False
+    if shape_a is None or shape_b is None:
+        return True
+    return len(shape_a) == len(shape_b) and all(
+        x is None or y is None or x == y for x, y in zip(shape_a[1:], shape_b[1:]))
+
+
+def _describe(values: list[Signature]) -> str:
+    return ", ".join(" ".join(filter(None, (name, dtype, _shape_text(shape)))) for name, dtype, shape in values)
+
+
+def _shape_text(shape: tuple[int | None, ...] | None) -> str:
+    return "(?)" if shape is None else "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"

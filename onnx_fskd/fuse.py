@@ -1,0 +1,156 @@
+"""Merge each fitted Q, d into the student's initializers: W' = Q·W and a new bias, no node added.
+
+With a per-channel chain y = a·(W·x) + e after the op (BatchNorm, constant Mul/Add), the merge is
+W' = diag(1/a)·Q·diag(a)·W and the chain's bias slot takes e' = Q·e + d, so the chain stays in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .graph import GraphIndex
+from .points import AffineStep, CorrectionPoint
+from .solve import Adapter
+
+_DEAD_SCALE = 1e-12  # channels the chain scales to ~0 are constant: Q cannot act through them
+
+
+@dataclass(frozen=True, eq=False)
+class BiasSlot:
+    """Where the fitted offset goes: the op's own bias (step -1) or a chain node that adds a shift."""
+
+    step: int
+    scale_after: np.ndarray  # product of chain scales after the slot's shift
+    shift_after: np.ndarray  # chain offset added after the slot
+    shift: np.ndarray        # the slot's current shift, as seen at its position
+
+
+def chain_scale(point: CorrectionPoint) -> np.ndarray:
+    scale = np.ones(point.channels)
+    for step in point.chain:
+        scale = scale * step.scale
+    return scale
+
+
+def _fold(steps: tuple[AffineStep, ...], channels: int) -> tuple[np.ndarray, np.ndarray]:
+    scale, shift = np.ones(channels), np.zeros(channels)
+    for step in steps:
+        scale, shift = scale * step.scale, shift * step.scale + step.shift
+    return scale, shift
+
+
+def bias_slot(point: CorrectionPoint, graph: GraphIndex) -> BiasSlot | None:
+    """The op's bias when it has (or can take) one, else the first chain node that adds a shift."""
+    node = graph.node_by_name[point.name]
+    op = point.op
+    if op.bias_slot(node) is not None:
+        scale_after, shift_after = _fold(point.chain, point.channels)
+        return BiasSlot(-1, scale_after, shift_after, _op_bias(point, graph) * op.bias_scale(node))
+    for index, step in enumerate(point.chain):
+        if step.bias_capable:
+            scale_after, shift_after = _fold(point.chain[index + 1:], point.channels)
+            return BiasSlot(index, scale_after, shift_after, step.shift)
+    return None
+
+
+def _op_bias(point: CorrectionPoint, graph: GraphIndex) -> np.ndarray:
+    node = graph.node_by_name[point.name]
+    slot = point.op.bias_slot(node)
+    if slot is not None and len(node.input) > slot and node.input[slot]:
+        return graph.constant(node.input[slot]).astype(np.float64).reshape(-1) * np.ones(point.channels)
+    return np.zeros(point.channels)
+
+
+def mergeable(adapter: Adapter, point: CorrectionPoint) -> Adapter:
+    """Rows of Q for channels the chain kills (scale ≈ 0) cannot be merged: reset them to identity."""
+    scale = chain_scale(point)
+    dead = np.abs(scale) <= _DEAD_SCALE * max(np.abs(scale).max(), 1.0)
+    if not dead.any():
+        return adapter
+    q, d = adapter.q.copy(), adapter.d.copy()
+    q[dead] = np.eye(point.channels)[dead]
+    d[dead] = 0.0
+    return Adapter(q, d)
+
+
+class ModelWriter:
+    """Collects initializer updates for one model and applies them in place, preserving node order
+    and names. Editing TensorProtos directly (rather than re-exporting through onnx-graphsurgeon)
+    is what keeps the written graph byte-for-byte the student's apart from the weights."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = GraphIndex(model)
+        self.uses = {name: len(self.graph.consumers.get(name, [])) for name in self.graph.initializers}
+
+    def set_input(self, node: onnx.NodeProto, slot: int, value: np.ndarray, like_dtype: np.dtype) -> None:
+        """Write ``value`` as the node's input ``slot``; a shared or missing initializer gets a new one."""
+        value = value.astype(like_dtype)
+        current = node.input[slot] if len(node.input) > slot else ""
+        if current and self.uses.get(current, 0) == 1:
+            tensor = self.graph.initializers[current]
+            tensor.CopyFrom(numpy_helper.from_array(value, current))
+            return
+        name = self._fresh_name(f"{node.name}/fskd_{'bias' if slot >= 2 else 'param'}{slot}")
+        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.graph.initializers[name] = self.model.graph.initializer[-1]
+        self.uses[name] = 1
+        if current:
+            self.uses[current] -= 1
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+
+    def _fresh_name(self, base: str) -> str:
+        name, suffix = base, 1
+        while name in self.graph.initializers or name in self.graph.producer:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        return name
+
+
+def merge_adapter(writer: ModelWriter, point: CorrectionPoint, adapter: Adapter) -> None:
+    """Rewrite the point's weight and bias so the op+chain computes Q·y + d."""
+    graph = writer.graph
+    node = graph.node_by_name[point.name]
+    op = point.op
+    weight = graph.constant(point.weight)
+    scale = chain_scale(point)
+    safe = np.where(np.abs(scale) > _DEAD_SCALE * max(np.abs(scale).max(), 1.0), scale, 1.0)
+    mixing = (adapter.q * scale[None, :]) / safe[:, None]
+    major = op.to_output_major(node, weight.astype(np.float64))
+    merged = np.tensordot(mixing, major, axes=(1, 0))
+    writer.set_input(node, 1, op.from_output_major(node, merged), weight.dtype)
+
+    slot = bias_slot(point, graph)
+    if slot is None:
+        return
+    offset = slot.scale_after * slot.shift + slot.shift_after
+    new_offset = adapter.q @ offset + adapter.d
+    live = np.abs(slot.scale_after) > _DEAD_SCALE * max(np.abs(slot.scale_after).max(), 1.0)
+    new_shift = np.where(live, (new_offset - slot.shift_after) / np.where(live, slot.scale_after, 1.0), slot.shift)
+    _write_shift(writer, point, slot, new_shift, weight.dtype)
+
+
+def _write_shift(writer: ModelWriter, point: CorrectionPoint, slot: BiasSlot, shift: np.ndarray,
+                 dtype: np.dtype) -> None:
+    graph = writer.graph
+    if slot.step < 0:
+        node = graph.node_by_name[point.name]
+        writer.set_input(node, point.op.bias_slot(node), shift / point.op.bias_scale(node), dtype)
+        return
+    step = point.chain[slot.step]
+    node = graph.node_by_name[step.node]
+    if step.op_type == "BatchNormalization":
+        mean = graph.constant(node.input[3]).astype(np.float64)
+        writer.set_input(node, 2, shift + step.scale * mean, graph.constant(node.input[2]).dtype)
+        return
+    const_index = 1 if graph.is_constant(node.input[1]) else 0
+    old = graph.constant(node.input[const_index])
+    value = shift if step.op_type == "Add" else -shift
+    shape = [1] * point.rank
+    shape[point.channel_axis] = point.channels
+    keeps_rank = old.ndim >= point.rank - point.channel_axis  # the old shape already spans the channel axis
+    writer.set_input(node, const_index, value.reshape(shape[-old.ndim:] if keeps_rank else shape), old.dtype)

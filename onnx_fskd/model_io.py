@@ -1,0 +1,94 @@
+"""Load models (external data included) and write them atomically, keeping IR version and opsets."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from .errors import FskdError, UsageError
+
+# Protobuf refuses to serialise a single message above 2 GiB; larger models must use external data.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model with its external data and check it; raise FskdError with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FskdError(f"model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf raises DecodeError, missing external files raise OSError
+        raise FskdError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.node:
+        raise FskdError(f"{path} is not a valid ONNX model: its graph has no nodes")
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:  # onnx.checker.ValidationError and friends
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FskdError(f"{path} is not a valid ONNX model: {first}") from None
+    return model
+
+
+def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> Path:
+    """Refuse to overwrite an input or an existing file (without force), or to write into a missing folder."""
+    out = Path(out)
+    for src in inputs:
+        if src is not None and out.resolve() == Path(src).resolve():
+            raise UsageError(f"output {out} is the same file as input {src}; choose another -o")
+    if out.exists() and not force:
+        raise UsageError(f"output {out} exists; pass --force to overwrite it")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise FskdError(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise FskdError(f"cannot write {out}: folder {parent} is not writable")
+    return out
+
+
+def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, like: onnx.ModelProto | None = None) -> None:
+    """Write to a temporary file in the target folder, then rename, so a failure never leaves half a model.
+
+    ``like`` is the model whose IR version and opsets the output must keep (onnx 1.23 would otherwise
+    stamp IR 14, which current onnxruntime refuses).
+    """
+    out = Path(out)
+    if like is not None:
+        model.ir_version = like.ir_version
+        del model.opset_import[:]
+        model.opset_import.extend(like.opset_import)
+    external = model.ByteSize() > _PROTOBUF_LIMIT
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.resolve().parent))
+    os.close(fd)
+    data_name = f"{out.name}.data"
+    tmp_data = Path(tmp).parent / f"{Path(tmp).name}.data"
+    try:
+        if external:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data.name, size_threshold=1024)
+            # The .onnx file names its data file; rename data first so the final name is what it points to.
+            reloaded = onnx.load(tmp, load_external_data=False)
+            for tensor in _external_tensors(reloaded):
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = data_name
+            onnx.save_model(reloaded, tmp)
+            os.replace(tmp_data, out.parent / data_name)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        for leftover in (Path(tmp), tmp_data):
+            if leftover.exists():
+                leftover.unlink()
+        raise
+
+
+def _external_tensors(model: onnx.ModelProto):
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+

@@ -1,0 +1,260 @@
+"""FSKD end to end: normalise → find points → pair → probe & run → accumulate → solve → guard →
+merge → verify. The CLI and the tests call ``fit``; writing the result is the caller's step."""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .data import Samples, input_specs
+from .errors import FskdError
+from .fuse import ModelWriter, bias_slot, merge_adapter, mergeable
+from .graph import GraphIndex
+from .metrics import relative_error, top1_agreement
+from .normalize import normalise
+from .pairing import ChannelMapper, PointPair, match_activations, pair_points, read_map
+from .points import CorrectionPoint, find_points
+from .report import FitReport, OutputMetrics, PointReport
+from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
+from .segments import SegmentRunner
+from .solve import Adapter, solve_adapter
+from .stats import GramStats, as_rows
+from .verify import EXACTNESS_TOLERANCE, check_model, exactness, with_explicit_adapters
+
+# A Q must cut the held-out error by this fraction to be kept; float noise alone never passes.
+MIN_GAIN = 1e-3
+# Below this relative error the student already matches (float32 noise): there is nothing to fit.
+NOISE_FLOOR = 1e-5
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    mode: str = "sequential"          # sequential | parallel
+    points: str = "auto"              # auto | block-ends
+    residual_target: str = "sum"      # sum | plain
+    ridge: float = 1e-3
+    holdout: float = 0.2
+    batch_size: int = DEFAULT_BATCH
+    provider: str = "auto"
+    seed: int = 0
+    verify_samples: int = 8
+
+
+@dataclass
+class FitResult:
+    model: onnx.ModelProto
+    report: FitReport
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+
+
+def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, config: FitConfig = FitConfig(),
+        map_path: str | None = None, progress: Progress | None = None) -> FitResult:
+    """Fit and merge one Q per paired point so the student's outputs follow the teacher's."""
+    _check_config(config)
+    clock = _Clock()
+    teacher, student = normalise(teacher), normalise(student)
+    check_compatible(teacher, student)
+    t_graph, s_graph = GraphIndex(teacher), GraphIndex(student)
+    t_points, s_points = find_points(t_graph), find_points(s_graph)
+    pairs = pair_points(t_points.points, s_points.points, read_map(map_path, student))
+    if config.points == "block-ends":
+        pairs = [p for p in pairs if p.student.block_end]
+    if not pairs:
+        raise FskdError("no correction points: the student has no Conv/Gemm/MatMul with constant weights "
+                        "that pairs with the teacher")
+    pairs.sort(key=lambda p: fit_order(s_graph)[s_graph.producer[p.student.output].name])
+    clock.lap("analyse")
+
+    providers = resolve_providers(config.provider)
+    fixed_batch = input_specs(student)[0].batch_dim
+    fit_rows, held_rows = split_holdout(len(samples), config.holdout, config.seed)
+    report = FitReport(provider="", mode=config.mode, points_option=config.points,
+                       residual_target=config.residual_target, samples_fit=len(fit_rows),
+                       samples_heldout=len(held_rows),
+                       skipped=[{"node": n, "reason": r} for n, r in s_points.skipped])
+    runners = [SegmentRunner(m, g, providers, config.batch_size, fixed_batch)
+               for m, g in ((teacher, t_graph), (student, s_graph))]
+    t_run, s_run = runners
+    for runner in runners:
+        runner.start(samples.arrays)
+    mapper = ChannelMapper(t_graph, s_graph)
+    adapters: dict[str, Adapter] = {}
+    fitted_outputs: set[str] = set()
+    point_outputs = {p.student.output for p in pairs}
+    for index, pair in enumerate(pairs):
+        s, t = pair.student, pair.teacher
+        use_sum = (config.residual_target == "sum" and s.residual_skip and t.residual_skip
+                   and (s.residual_skip in fitted_outputs or s.residual_skip not in point_outputs))
+        s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []))
+        t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []))
+        y = s_out[s.output]
+        kept, how = _kept_channels(pair, mapper, y, t_out[t.output], fit_rows)
+        pair = PointPair(t, s, pair.source, kept)
+        mapper.record(pair)
+        target = np.take(t_out[t.output], kept, axis=s.channel_axis)
+        if use_sum:
+            target = target + np.take(t_out[t.residual_skip], kept, axis=s.channel_axis) - s_out[s.residual_skip]
+        adapter, point_report = _fit_point(pair, y, target, fit_rows, held_rows, config, s_graph, how,
+                                           "sum" if use_sum else "plain")
+        report.points.append(point_report)
+        if point_report.status == "kept":
+            adapters[s.name] = adapter
+            if config.mode == "sequential":
+                s_run.replace(s.output, adapter.apply(y, s.channel_axis))
+        fitted_outputs.add(s.output)
+        if progress:
+            progress("points", index + 1, len(pairs))
+    teacher_outputs = t_run.compute(s_graph.graph_outputs)
+    clock.lap("fit")
+
+    merged = onnx.ModelProto()
+    merged.CopyFrom(student)
+    writer = ModelWriter(merged)
+    by_name = {p.student.name: p.student for p in pairs}
+    for name, adapter in adapters.items():
+        merge_adapter(writer, by_name[name], adapter)
+    clock.lap("merge")
+
+    check_model(merged)
+    verify_rows = (held_rows if len(held_rows) else fit_rows)
+    held = {k: v[verify_rows] for k, v in samples.arrays.items()}
+    explicit = with_explicit_adapters(student, [(by_name[n], a) for n, a in adapters.items()])
+    report.exactness = exactness(merged, explicit, {k: v[:config.verify_samples] for k, v in held.items()},
+                                 providers, config.batch_size, fixed_batch)
+    if report.exactness > EXACTNESS_TOLERANCE:
+        raise FskdError(f"internal: merged model differs from the explicit-Q model by {report.exactness:.2e} "
+                        f"(> {EXACTNESS_TOLERANCE}); nothing written")
+    out_name = s_graph.graph_outputs[0]
+    reference = teacher_outputs[out_name][verify_rows]
+    sessions = [make_session(m, providers) for m in (student, merged)]
+    before, after = (run_batched(sess, held, [out_name], config.batch_size, fixed_batch)[out_name] for sess in sessions)
+    report.provider = session_device(sessions[0])
+    report.before = OutputMetrics(relative_error(before, reference), top1_agreement(before, reference))
+    report.after = OutputMetrics(relative_error(after, reference), top1_agreement(after, reference))
+    clock.lap("verify")
+    report.seconds = clock.laps
+    return FitResult(merged, report, adapters)
+
+
+def check_compatible(teacher: onnx.ModelProto, student: onnx.ModelProto) -> None:
+    """Teacher and student must take the same inputs and give the same outputs."""
+    t_in, s_in = input_specs(teacher), input_specs(student)
+    if [(i.name, i.shape[1:]) for i in t_in] != [(i.name, i.shape[1:]) for i in s_in]:
+        raise FskdError("teacher and student have different inputs: "
+                        f"{[(i.name, i.shape) for i in t_in]} vs {[(i.name, i.shape) for i in s_in]}")
+    t_out = [o.name for o in teacher.graph.output]
+    s_out = [o.name for o in student.graph.output]
+    if t_out != s_out:
+        raise FskdError(f"teacher and student have different outputs: {t_out} vs {s_out}")
+
+
+def split_holdout(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices for fitting and for the guard; the guard needs at least one held-out sample."""
+    order = np.random.default_rng(seed).permutation(count)
+    held = int(round(count * fraction)) if fraction > 0 else 0
+    if fraction > 0 and count >= 2:
+        held = min(max(held, 1), count - 1)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def fit_order(graph: GraphIndex) -> dict[str, int]:
+    """A topological order that runs short side branches first (smallest longest-path-to-output), so a
+    projection shortcut is fitted before the main branch it is added to, and the residual target of the
+    main branch sees the corrected shortcut. graphsurgeon's toposort has no priorities, hence this."""
+    cached = getattr(graph, "_fit_order", None)
+    if cached is not None:
+        return cached
+    depth: dict[str, int] = {}
+    for node in reversed(graph.nodes):
+        below = [depth[c.name] for out in node.output for c in graph.consumers.get(out, [])]
+        depth[node.name] = 1 + max(below, default=0)
+    waiting = {n.name: sum(1 for i in n.input if i in graph.producer) for n in graph.nodes}
+    ready = [(depth[n.name], graph.position[n.name], n.name) for n in graph.nodes if waiting[n.name] == 0]
+    heapq.heapify(ready)
+    order: dict[str, int] = {}
+    while ready:
+        _, _, name = heapq.heappop(ready)
+        order[name] = len(order)
+        for out in graph.node_by_name[name].output:
+            for consumer in graph.consumers.get(out, []):
+                waiting[consumer.name] -= 1
+                if waiting[consumer.name] == 0:
+                    heapq.heappush(ready, (depth[consumer.name], graph.position[consumer.name], consumer.name))
+    graph._fit_order = order
+    return order
+
+
+def _kept_channels(pair: PointPair, mapper: ChannelMapper, y: np.ndarray, teacher_y: np.ndarray,
+                   fit_rows: np.ndarray) -> tuple[np.ndarray, str]:
+    s, t = pair.student, pair.teacher
+    if pair.kept is not None:
+        return _checked_kept(pair.kept, pair), pair.source
+    kept = mapper.from_weights(pair)
+    if kept is not None:
+        return _checked_kept(kept, pair), "identity" if s.channels == t.channels else "weights"
+    kept, score = match_activations(as_rows(y[fit_rows], s.channel_axis), as_rows(teacher_y[fit_rows], s.channel_axis))
+    return _checked_kept(kept, pair), f"activations (r={score:.2f})"
+
+
+def _checked_kept(kept: np.ndarray, pair: PointPair) -> np.ndarray:
+    kept = np.asarray(kept, dtype=np.int64)
+    if len(kept) != pair.student.channels or kept.min() < 0 or kept.max() >= pair.teacher.channels:
+        raise FskdError(f"channel map for {pair.student.name} lists {len(kept)} channels in 0..{kept.max()}, "
+                        f"but the student has {pair.student.channels} and the teacher {pair.teacher.channels}")
+    return kept
+
+
+def _fit_point(pair: PointPair, y: np.ndarray, target: np.ndarray, fit_rows: np.ndarray, held_rows: np.ndarray,
+               config: FitConfig, graph: GraphIndex, how: str, target_kind: str) -> tuple[Adapter, PointReport]:
+    s = pair.student
+    axis = s.channel_axis
+    fit_stats, held_stats = GramStats.empty(s.channels), GramStats.empty(s.channels)
+    for stats, rows in ((fit_stats, fit_rows), (held_stats, held_rows)):
+        for start in range(0, len(rows), config.batch_size):
+            chunk = rows[start:start + config.batch_size]
+            stats.add(as_rows(y[chunk], axis), as_rows(target[chunk], axis))
+    fit_bias = bias_slot(s, graph) is not None
+    candidate = mergeable(solve_adapter(fit_stats, s.group_size, config.ridge, fit_bias), s)
+    identity = Adapter.identity(s.channels)
+    judge = held_stats if held_stats.rows else fit_stats
+    before, after = judge.relative_error(identity.q, identity.d), judge.relative_error(candidate.q, candidate.d)
+    kept = before > NOISE_FLOOR and after < before * (1.0 - MIN_GAIN)
+    final = mergeable(solve_adapter(fit_stats + held_stats, s.group_size, config.ridge, fit_bias), s) if kept else identity
+    return final, PointReport(
+        student=s.name, teacher=pair.teacher.name, op_type=s.op_type, channels=s.channels,
+        teacher_channels=pair.teacher.channels, groups=s.groups, rows=fit_stats.rows + held_stats.rows,
+        target=target_kind, channel_map=how, error_before=before, error_after=after,
+        status="kept" if kept else "rejected")
+
+
+def _check_config(config: FitConfig) -> None:
+    if config.mode not in ("sequential", "parallel"):
+        raise FskdError(f"--mode must be sequential or parallel, got {config.mode}")
+    if config.points not in ("auto", "block-ends"):
+        raise FskdError(f"--points must be auto or block-ends, got {config.points}")
+    if config.residual_target not in ("sum", "plain"):
+        raise FskdError(f"--residual-target must be sum or plain, got {config.residual_target}")
+    if not 0 <= config.holdout < 1:
+        raise FskdError(f"--holdout must be in [0, 1), got {config.holdout}")
+    if config.ridge < 0:
+        raise FskdError(f"--ridge must be >= 0, got {config.ridge}")
+    if config.batch_size <= 0:
+        raise FskdError(f"--batch-size must be positive, got {config.batch_size}")
+
+
+class _Clock:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self._last, 4)
+        self._last = now

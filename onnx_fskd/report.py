@@ -1,0 +1,54 @@
+"""The fit report: per point and totals, as dataclasses and as the JSON documented in README."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class PointReport:
+    """What happened at one correction point."""
+
+    student: str
+    teacher: str
+    op_type: str
+    channels: int
+    teacher_channels: int
+    groups: int
+    rows: int
+    target: str            # "plain" (the op's own output) or "sum" (the residual Add's output)
+    channel_map: str       # how kept channels were found: identity | map | metadata | weights | activations
+    error_before: float    # held-out relative error of the point's output against its target
+    error_after: float
+    status: str            # "kept" or "rejected" (the guard found no held-out gain)
+
+
+@dataclass
+class OutputMetrics:
+    """The student's final output against the teacher's, on the held-out samples."""
+
+    relative_error: float
+    agreement: float
+
+
+@dataclass
+class FitReport:
+    provider: str
+    mode: str
+    points_option: str
+    residual_target: str
+    samples_fit: int
+    samples_heldout: int
+    points: list[PointReport] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    before: OutputMetrics | None = None
+    after: OutputMetrics | None = None
+    exactness: float = 0.0    # max relative error: merged model vs. model with explicit Q nodes
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rejected(self) -> list[str]:
+        return [p.student for p in self.points if p.status == "rejected"]
+
+    def to_json(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,87 @@
+"""ONNX Runtime sessions: provider choice (CUDA when present, CPU otherwise) and batched runs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import FskdError
+
+log = logging.getLogger(__name__)
+
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+DEFAULT_BATCH = 64
+
+
+def resolve_providers(choice: str = "auto") -> list[str]:
+    """Map --provider to ORT providers; 'auto' takes CUDA only when onnxruntime-gpu can actually use it."""
+    if choice not in PROVIDER_CHOICES:
+        raise FskdError(f"--provider must be one of {', '.join(PROVIDER_CHOICES)}, got {choice}")
+    available = ort.get_available_providers()
+    if choice == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if choice == "cuda":
+        raise FskdError("--provider cuda: this onnxruntime has no CUDA provider (install onnx-fskd[gpu])")
+    return ["CPUExecutionProvider"]
+
+
+def _preload_cuda_libraries() -> None:
+    """onnxruntime-gpu wheels find pip-installed CUDA/cuDNN only after preload_dlls (ORT >= 1.21)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # missing CUDA libraries: the session falls back to CPU below
+            log.warning("onnxruntime.preload_dlls failed: %s", exc)
+
+
+def make_session(model: onnx.ModelProto, providers: list[str]) -> ort.InferenceSession:
+    """A session on the given providers; falls back to CPU (with a warning) when CUDA cannot start."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if "CUDAExecutionProvider" in providers:
+        _preload_cuda_libraries()
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    except Exception as exc:
+        raise FskdError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+    if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
+        log.warning("CUDA provider could not start; running on CPU")
+    return session
+
+
+def session_device(session: ort.InferenceSession) -> str:
+    return "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+
+
+def batches(count: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, count, batch_size):
+        yield slice(start, min(start + batch_size, count))
+
+
+def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str],
+                batch_size: int, fixed_batch: int | None = None) -> dict[str, np.ndarray]:
+    """Run over all samples in batches; a fixed batch dimension is honoured by padding the last batch."""
+    count = len(next(iter(feeds.values())))
+    size = fixed_batch or batch_size
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    for window in batches(count, size):
+        chunk = {name: array[window] for name, array in feeds.items()}
+        real = window.stop - window.start
+        if fixed_batch and real < fixed_batch:
+            chunk = {name: _pad_rows(array, fixed_batch) for name, array in chunk.items()}
+        for name, value in zip(outputs, session.run(outputs, chunk)):
+            parts[name].append(value[:real])
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """Repeat the last sample so a model with a fixed batch size can run a short final batch."""
+    extra = np.repeat(array[-1:], rows - len(array), axis=0)
+    return np.concatenate([array, extra])

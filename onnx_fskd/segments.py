@@ -1,0 +1,93 @@
+"""Probe and run: execute a graph piece by piece with ONNX Runtime, caching the boundary tensors.
+
+Asking for a tensor runs only the not-yet-run nodes it depends on (a sub-graph cut with
+onnx.utils.Extractor), so fitting every point in turn costs one pass of the graph in total, and a
+fitted Q can be applied to a cached tensor before anything downstream of it runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx.utils import Extractor
+
+from .errors import FskdError
+from .graph import GraphIndex
+from .runtime import make_session, run_batched
+
+
+class SegmentRunner:
+    """One model, its sample cache, and the set of nodes already run."""
+
+    def __init__(self, model: onnx.ModelProto, graph: GraphIndex, providers: list[str],
+                 batch_size: int, fixed_batch: int | None):
+        self.graph = graph
+        self.providers = providers
+        self.batch_size = batch_size
+        self.fixed_batch = fixed_batch
+        self.ir_version = model.ir_version
+        self.extractor = Extractor(onnx.shape_inference.infer_shapes(model))
+        self.cache: dict[str, np.ndarray] = {}
+        self.done: set[str] = set()
+        self.segments_run = 0
+
+    def start(self, feeds: dict[str, np.ndarray]) -> None:
+        self.cache = dict(feeds)
+        self.done = set()
+
+    def compute(self, wanted: list[str]) -> dict[str, np.ndarray]:
+        """The wanted tensors over all samples, running only what has not run yet."""
+        missing = [name for name in dict.fromkeys(wanted) if name not in self.cache]
+        if missing:
+            self._run_segment(missing)
+        result = {name: self.cache[name] for name in wanted}
+        self._evict()
+        return result
+
+    def replace(self, name: str, value: np.ndarray) -> None:
+        """Overwrite a cached tensor (a point's output after its Q) before its consumers run."""
+        self.cache[name] = value
+
+    def _run_segment(self, missing: list[str]) -> None:
+        nodes = self._nodes_for(missing)
+        produced = {out for node in nodes for out in node.output if out}
+        inputs = sorted({i for node in nodes for i in node.input
+                         if i and i not in produced and not self.graph.is_constant(i)})
+        absent = [name for name in inputs if name not in self.cache]
+        if absent:
+            raise FskdError(f"internal: segment input {absent[0]} is neither cached nor computable")
+        self.done.update(node.name for node in nodes)
+        keep = [out for out in produced if self._still_needed(out)]
+        outputs = list(dict.fromkeys(missing + sorted(keep)))
+        try:
+            segment = self.extractor.extract_model(inputs, outputs)
+        except ValueError as exc:
+            raise FskdError(f"cannot cut a sub-graph at {outputs[0]}: {exc}") from None
+        segment.ir_version = self.ir_version
+        session = make_session(segment, self.providers)
+        feeds = {name: self.cache[name] for name in inputs}
+        self.cache.update(run_batched(session, feeds, outputs, self.batch_size, self.fixed_batch))
+        self.segments_run += 1
+
+    def _nodes_for(self, targets: list[str]) -> list[onnx.NodeProto]:
+        """Not-yet-run nodes that the targets depend on, stopping at cached tensors, in graph order."""
+        chosen: set[str] = set()
+        stack = list(targets)
+        while stack:
+            name = stack.pop()
+            if name in self.cache:
+                continue
+            node = self.graph.producer.get(name)
+            if node is None or node.name in chosen:
+                continue
+            chosen.add(node.name)
+            stack.extend(i for i in node.input if i)
+        return [n for n in self.graph.nodes if n.name in chosen]
+
+    def _still_needed(self, tensor: str) -> bool:
+        if tensor in self.graph.graph_outputs:
+            return True
+        return any(c.name not in self.done for c in self.graph.consumers.get(tensor, []))
+
+    def _evict(self) -> None:
+        for name in [n for n in self.cache if not self._still_needed(n)]:
+            del self.cache[name]

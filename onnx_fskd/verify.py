@@ -1,0 +1,54 @@
+"""Verify a merge: the checker passes, ONNX Runtime loads it, and it computes what the student with
+explicit Q nodes computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .errors import FskdError
+from .graph import GraphIndex
+from .metrics import relative_error
+from .points import CorrectionPoint
+from .runtime import make_session, run_batched
+from .solve import Adapter
+
+EXACTNESS_TOLERANCE = 1e-4
+
+
+def with_explicit_adapters(student: onnx.ModelProto, adapters: list[tuple[CorrectionPoint, Adapter]]) -> onnx.ModelProto:
+    """The student with y ← Q·y + d inserted as real nodes after each point: the reference for the merge."""
+    model = onnx.ModelProto()
+    model.CopyFrom(student)
+    graph = GraphIndex(model)
+    inserted: dict[str, list[onnx.NodeProto]] = {}
+    for point, adapter in adapters:
+        producer = graph.producer[point.output]
+        pre = f"{point.output}/before_Q"
+        producer.output[list(producer.output).index(point.output)] = pre
+        nodes, inits = point.op.explicit_q(point.name, pre, point.output, adapter.q, adapter.d, point.rank)
+        inserted[producer.name] = nodes
+        model.graph.initializer.extend(inits)
+    ordered = []
+    for node in list(model.graph.node):
+        ordered.append(node)
+        ordered.extend(inserted.get(node.name, []))
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return model
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise FskdError(f"internal: the merged model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def exactness(merged: onnx.ModelProto, explicit: onnx.ModelProto, feeds: dict[str, np.ndarray],
+              providers: list[str], batch_size: int, fixed_batch: int | None) -> float:
+    """Largest relative error over the outputs between the merged and the explicit-Q model."""
+    outputs = [o.name for o in merged.graph.output]
+    got = run_batched(make_session(merged, providers), feeds, outputs, batch_size, fixed_batch)
+    want = run_batched(make_session(explicit, providers), feeds, outputs, batch_size, fixed_batch)
+    return max(relative_error(got[name], want[name]) for name in outputs)

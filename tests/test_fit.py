@@ -1,0 +1,166 @@
+"""FSKD fit on small graphs run through ONNX Runtime: errors go down, merges are exact, graphs unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from builders import matmul_mlp, mobile_net, prune_by_slicing, random_inputs, resnet_net, vgg_net
+from onnx_fskd.data import Samples
+from onnx_fskd.errors import FskdError
+from onnx_fskd.metrics import relative_error
+from onnx_fskd.pipeline import FitConfig, fit
+from onnx_fskd.runtime import make_session, run_batched
+
+CPU = ["CPUExecutionProvider"]
+
+
+def outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return run_batched(make_session(model, CPU), feeds, ["logits"], 64)["logits"]
+
+
+def perturbed(model: onnx.ModelProto, scale: float, seed: int = 3) -> onnx.ModelProto:
+    """A student with the teacher's shapes but noisy weights (like a quantised or low-rank copy)."""
+    student = onnx.ModelProto()
+    student.CopyFrom(model)
+    rng = np.random.default_rng(seed)
+    for tensor in student.graph.initializer:
+        value = numpy_helper.to_array(tensor)
+        if tensor.name.endswith(".w"):
+            noisy = value * (1 + scale * rng.normal(size=value.shape))
+            tensor.CopyFrom(numpy_helper.from_array(noisy.astype(value.dtype), tensor.name))
+    return student
+
+
+def node_signature(model: onnx.ModelProto) -> list[tuple]:
+    """Everything about the nodes except the names of initializers they read."""
+    return [(n.name, n.op_type, tuple(n.output), tuple(a.SerializeToString() for a in n.attribute),
+             tuple(i for i in n.input if i not in {t.name for t in model.graph.initializer}))
+            for n in model.graph.node]
+
+
+def slice_half(model: onnx.ModelProto, layers: dict[str, int], seed: int = 5) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    keep = {name: np.sort(rng.choice(channels, channels // 2, replace=False)) for name, channels in layers.items()}
+    return prune_by_slicing(model, keep)
+
+
+CASES = {
+    "vgg-pruned": (vgg_net, lambda t: slice_half(t, {"c1": 16, "c2": 16, "c3": 32, "c4": 32, "f1": 48})),
+    "resnet-pruned": (resnet_net, lambda t: slice_half(t, {"b1.c1": 16, "b2.c1": 32})),
+    "resnet-perturbed": (resnet_net, lambda t: perturbed(t, 0.3)),
+    "mobile-perturbed": (mobile_net, lambda t: perturbed(t, 0.3)),
+    "mlp-pruned": (matmul_mlp, lambda t: slice_half(t, {"m0": 64, "m1": 64})),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    build, compress = CASES[request.param]
+    teacher = build()
+    return request.param, teacher, compress(teacher)
+
+
+def test_fit_recovers_exactly_and_keeps_graph(case):
+    name, teacher, student = case
+    train = Samples(random_inputs(teacher, 160, seed=1))
+    test = random_inputs(teacher, 64, seed=2)
+    result = fit(teacher, student, train)
+    report = result.report
+    assert report.points, name
+    assert report.exactness <= 1e-4
+    kept = [p for p in report.points if p.status == "kept"]
+    assert kept and all(p.error_after < p.error_before for p in kept)
+    assert report.after.relative_error < report.before.relative_error
+    reference = outputs(teacher, test)
+    before = relative_error(outputs(student, test), reference)
+    after = relative_error(outputs(result.model, test), reference)
+    assert after < 0.8 * before, (name, before, after)  # generalises to unseen samples
+    assert node_signature(result.model) == node_signature(student)
+    assert result.model.ir_version == student.ir_version
+    assert [(o.domain, o.version) for o in result.model.opset_import] == [(o.domain, o.version) for o in student.opset_import]
+
+
+def test_sequential_at_least_as_good_as_parallel():
+    teacher = vgg_net()
+    student = slice_half(teacher, {"c1": 16, "c2": 16, "c3": 32, "c4": 32, "f1": 48})
+    train = Samples(random_inputs(teacher, 160, seed=1))
+    errors = {mode: fit(teacher, student, train, FitConfig(mode=mode)).report.after.relative_error
+              for mode in ("sequential", "parallel")}
+    assert errors["sequential"] <= errors["parallel"]
+
+
+def test_grouped_and_depthwise_get_block_diagonal_q():
+    teacher = mobile_net()
+    result = fit(teacher, perturbed(teacher, 0.3), Samples(random_inputs(teacher, 96)), FitConfig(holdout=0.0))
+    for name, group_size in (("dw1", 1), ("gc1", 8)):
+        q = result.adapters[name].q
+        blocks = np.kron(np.eye(q.shape[0] // group_size), np.ones((group_size, group_size)))
+        assert np.all(q[blocks == 0] == 0)
+        assert np.abs(q - np.eye(len(q))).max() > 1e-3  # it did fit something
+
+
+def test_residual_target_sum_matches_teacher_sum():
+    teacher = resnet_net()
+    student = perturbed(teacher, 0.3)
+    train = Samples(random_inputs(teacher, 128))
+    report = fit(teacher, student, train).report
+    targets = {p.student: p.target for p in report.points}
+    assert targets["b2.c2"] == "sum" and targets["b1.c2"] == "sum"
+    assert targets["b2.proj"] == "plain"  # fitted before the main branch, which is not computed yet
+    plain = fit(teacher, student, train, FitConfig(residual_target="plain")).report
+    assert {p.target for p in plain.points} == {"plain"}
+
+
+def test_block_ends_leave_interior_points_alone():
+    teacher = resnet_net()
+    report = fit(teacher, perturbed(teacher, 0.3), Samples(random_inputs(teacher, 64)), FitConfig(points="block-ends")).report
+    names = {p.student for p in report.points}
+    assert "b1.c1" not in names and "b2.c1" not in names
+    assert {"stem", "b1.c2", "b2.c2", "b2.proj", "fc"} <= names
+
+
+def test_guard_rejects_points_that_do_not_help():
+    teacher = vgg_net()
+    result = fit(teacher, teacher, Samples(random_inputs(teacher, 64)))
+    assert result.report.points and all(p.status == "rejected" for p in result.report.points)
+    assert result.report.after.relative_error == pytest.approx(0.0, abs=1e-6)
+    feeds = random_inputs(teacher, 8)
+    np.testing.assert_allclose(outputs(result.model, feeds), outputs(teacher, feeds), rtol=1e-5, atol=1e-5)
+
+
+def test_guard_rejects_an_overfitted_q():
+    teacher = matmul_mlp()
+    student = perturbed(teacher, 0.02)
+    result = fit(teacher, student, Samples(random_inputs(teacher, 8)), FitConfig(holdout=0.5, ridge=0.0))
+    rejected = [p for p in result.report.points if p.status == "rejected"]
+    assert rejected and all(p.error_after >= p.error_before * (1 - 1e-3) for p in rejected)
+    assert all(p.student not in result.adapters for p in rejected)
+
+
+def test_pruned_channels_found_from_weights():
+    teacher = vgg_net()
+    keep = {"c1": np.arange(0, 16, 2), "c2": np.arange(8), "c3": np.arange(16, 32), "c4": np.arange(0, 32, 2), "f1": np.arange(24)}
+    report = fit(teacher, prune_by_slicing(teacher, keep), Samples(random_inputs(teacher, 64))).report
+    maps = {p.student: p.channel_map for p in report.points}
+    assert maps == {"c1": "weights", "c2": "weights", "c3": "weights", "c4": "weights", "f1": "weights", "f2": "identity"}
+
+
+def test_channel_map_from_activations_when_weights_differ():
+    teacher = vgg_net()
+    keep = {"c1": np.arange(0, 16, 2), "c2": np.arange(8), "c3": np.arange(16, 32), "c4": np.arange(0, 32, 2), "f1": np.arange(24)}
+    student = perturbed(prune_by_slicing(teacher, keep), 0.05)
+    report = fit(teacher, student, Samples(random_inputs(teacher, 96))).report
+    first = report.points[0]
+    assert first.channel_map.startswith("activations")
+
+
+def test_map_file_with_wrong_channels_is_refused(tmp_path):
+    teacher = vgg_net()
+    student = slice_half(teacher, {"c1": 16})
+    bad = tmp_path / "map.json"
+    bad.write_text('{"points": [{"teacher": "c1", "student": "c1", "kept": [0, 1, 99]}]}')
+    with pytest.raises(FskdError, match="channel map for c1"):
+        fit(teacher, student, Samples(random_inputs(teacher, 16)), map_path=str(bad))
