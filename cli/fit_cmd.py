@@ -14,7 +14,7 @@ from rich.table import Table
 from onnx_fskd.data import input_specs, load_samples
 from onnx_fskd.errors import FskdError
 from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
-from onnx_fskd.pipeline import FitConfig, fit
+from onnx_fskd.pipeline import FitConfig, check_compatible, fit
 from onnx_fskd.report import FitReport
 from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES
 
@@ -65,6 +65,7 @@ def fit_command(teacher_path: Path, student_path: Path, data_path: Path, output_
     if report_path:
         check_output_path(report_path, inputs + [output_path], force=True)
     teacher, student = load_model(teacher_path), load_model(student_path)
+    check_compatible(teacher, student)
     samples = load_samples(data_path, input_specs(student), num_samples, build_image_options(**image))
     config = FitConfig(mode=mode, points=points, residual_target=residual_target, ridge=ridge, holdout=holdout,
                        batch_size=batch_size, provider=provider)
