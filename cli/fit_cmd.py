@@ -38,6 +38,9 @@ _DEFAULTS = FitConfig()
               help="auto: every paired Conv/Gemm/MatMul; block-ends: the last linear op of each block only.")
 @click.option("--residual-target", type=click.Choice(["sum", "plain"]), default=_DEFAULTS.residual_target,
               show_default=True, help="For a point feeding a residual Add: match the teacher's sum, or its own output.")
+@click.option("--solver", type=click.Choice(["q", "full"]), default=_DEFAULTS.solver, show_default=True,
+              help="q: the paper's C×C map after each op (fast); full: refit each op's whole weight from its "
+                   "input patches (recovers more, statistics cost ~k²·C_in/C_out times q's).")
 @click.option("--ridge", type=click.FloatRange(min=0), default=_DEFAULTS.ridge, show_default=True,
               help="Ridge strength relative to the Gram trace; Q is shrunk towards identity.")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=_DEFAULTS.holdout, show_default=True,
@@ -54,7 +57,7 @@ _DEFAULTS = FitConfig()
 @image_options
 @reports_errors
 def fit_command(teacher_path: Path, student_path: Path, data_path: Path, output_path: Path,
-                num_samples: int | None, mode: str, points: str, residual_target: str, ridge: float,
+                num_samples: int | None, mode: str, points: str, residual_target: str, solver: str, ridge: float,
                 holdout: float, batch_size: int, provider: str, map_path: Path | None,
                 report_path: Path | None, force: bool, **image) -> None:
     """Fit one least-squares 1x1 correction per point of the student so its outputs follow
@@ -67,7 +70,8 @@ def fit_command(teacher_path: Path, student_path: Path, data_path: Path, output_
     teacher, student = load_model(teacher_path), load_model(student_path)
     check_compatible(teacher, student)
     samples = load_samples(data_path, input_specs(student), num_samples, build_image_options(**image))
-    config = FitConfig(mode=mode, points=points, residual_target=residual_target, ridge=ridge, holdout=holdout,
+    config = FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver, ridge=ridge,
+                       holdout=holdout,
                        batch_size=batch_size, provider=provider)
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -86,14 +90,14 @@ def fit_command(teacher_path: Path, student_path: Path, data_path: Path, output_
 
 def _print_report(report: FitReport, output_path: Path) -> None:
     console = Console()
-    table = Table(title=f"FSKD fit ({report.mode}, {report.samples_fit} fit + {report.samples_heldout} held-out samples, "
-                        f"{report.provider})")
-    for column in ("point", "op", "channels", "rows", "target", "channel map", "held-out error", "status"):
-        table.add_column(column)
+    table = Table(title=f"FSKD fit ({report.mode}, solver {report.solver}, {report.samples_fit} fit + "
+                        f"{report.samples_heldout} held-out samples, {report.provider})")
+    for column in ("point", "op", "channels", "rows", "target", "map", "solver", "held-out error", "status"):
+        table.add_column(column, overflow="fold")
     for p in report.points:
         channels = f"{p.channels}/{p.teacher_channels}" if p.channels != p.teacher_channels else str(p.channels)
         table.add_row(p.student, p.op_type + (f" g={p.groups}" if p.groups > 1 else ""), channels, f"{p.rows:,}",
-                      p.target, p.channel_map, f"{p.error_before:.4f} → {p.error_after:.4f}",
+                      p.target, p.channel_map, p.solver, f"{p.error_before:.4f} → {p.error_after:.4f}",
                       "[green]kept[/]" if p.status == "kept" else "[yellow]rejected[/]")
     console.print(table)
     for skipped in report.skipped:
@@ -103,6 +107,7 @@ def _print_report(report: FitReport, output_path: Path) -> None:
     b, a = report.before, report.after
     console.print(f"output vs teacher (held-out): relative error {b.relative_error:.4f} → {a.relative_error:.4f}, "
                   f"top-1 agreement {b.agreement:.2%} → {a.agreement:.2%}")
-    console.print(f"merge exactness {report.exactness:.1e}; time "
+    consistency = "" if report.consistency is None else f", consistency {report.consistency:.1e}"
+    console.print(f"merge exactness {report.exactness:.1e}{consistency}; time "
                   + ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
     console.print(f"wrote {output_path}")

@@ -6,8 +6,10 @@ import click
 
 from onnx_fskd import __version__
 
+from .decompose_cmd import decompose_command
 from .eval_cmd import eval_command
 from .fit_cmd import fit_command
+from .prune_cmd import prune_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +20,8 @@ def main() -> None:
 
 main.add_command(fit_command)
 main.add_command(eval_command)
+main.add_command(prune_command)
+main.add_command(decompose_command)
 
 if __name__ == "__main__":
     main()

@@ -67,7 +67,7 @@ def _op_bias(point: CorrectionPoint, graph: GraphIndex) -> np.ndarray:
 def mergeable(adapter: Adapter, point: CorrectionPoint) -> Adapter:
     """Rows of Q for channels the chain kills (scale ≈ 0) cannot be merged: reset them to identity."""
     scale = chain_scale(point)
-    dead = np.abs(scale) <= _DEAD_SCALE * max(np.abs(scale).max(), 1.0)
+    dead = ~_live(scale)
     if not dead.any():
         return adapter
     q, d = adapter.q.copy(), adapter.d.copy()
@@ -111,27 +111,48 @@ class ModelWriter:
         return name
 
 
-def merge_adapter(writer: ModelWriter, point: CorrectionPoint, adapter: Adapter) -> None:
-    """Rewrite the point's weight and bias so the op+chain computes Q·y + d."""
-    graph = writer.graph
-    node = graph.node_by_name[point.name]
-    op = point.op
-    weight = graph.constant(point.weight)
-    scale = chain_scale(point)
-    safe = np.where(np.abs(scale) > _DEAD_SCALE * max(np.abs(scale).max(), 1.0), scale, 1.0)
-    mixing = (adapter.q * scale[None, :]) / safe[:, None]
-    major = op.to_output_major(node, weight.astype(np.float64))
-    merged = np.tensordot(mixing, major, axes=(1, 0))
-    writer.set_input(node, 1, op.from_output_major(node, merged), weight.dtype)
+@dataclass(frozen=True, eq=False)
+class WeightUpdate:
+    """New parameters for one point: the output-major weight, and the bias slot's new shift (if any)."""
 
+    weight: np.ndarray
+    shift: np.ndarray | None
+
+
+def adapter_update(point: CorrectionPoint, graph: GraphIndex, adapter: Adapter) -> WeightUpdate:
+    """The weights that make op+chain compute Q·y + d."""
+    node = graph.node_by_name[point.name]
+    scale = chain_scale(point)
+    safe = np.where(_live(scale), scale, 1.0)
+    mixing = (adapter.q * scale[None, :]) / safe[:, None]
+    major = point.op.to_output_major(node, graph.constant(point.weight).astype(np.float64))
+    merged = np.tensordot(mixing, major, axes=(1, 0))
     slot = bias_slot(point, graph)
     if slot is None:
-        return
+        return WeightUpdate(merged, None)
     offset = slot.scale_after * slot.shift + slot.shift_after
     new_offset = adapter.q @ offset + adapter.d
-    live = np.abs(slot.scale_after) > _DEAD_SCALE * max(np.abs(slot.scale_after).max(), 1.0)
-    new_shift = np.where(live, (new_offset - slot.shift_after) / np.where(live, slot.scale_after, 1.0), slot.shift)
-    _write_shift(writer, point, slot, new_shift, weight.dtype)
+    live = _live(slot.scale_after)
+    shift = np.where(live, (new_offset - slot.shift_after) / np.where(live, slot.scale_after, 1.0), slot.shift)
+    return WeightUpdate(merged, shift)
+
+
+def merge_adapter(writer: ModelWriter, point: CorrectionPoint, adapter: Adapter) -> None:
+    """Rewrite the point's weight and bias so the op+chain computes Q·y + d."""
+    write_update(writer, point, adapter_update(point, writer.graph, adapter))
+
+
+def write_update(writer: ModelWriter, point: CorrectionPoint, update: WeightUpdate) -> None:
+    graph = writer.graph
+    node = graph.node_by_name[point.name]
+    dtype = graph.constant(point.weight).dtype
+    writer.set_input(node, 1, point.op.from_output_major(node, update.weight), dtype)
+    if update.shift is not None:
+        _write_shift(writer, point, bias_slot(point, graph), update.shift, dtype)
+
+
+def _live(scale: np.ndarray) -> np.ndarray:
+    return np.abs(scale) > _DEAD_SCALE * max(np.abs(scale).max(), 1.0)
 
 
 def _write_shift(writer: ModelWriter, point: CorrectionPoint, slot: BiasSlot, shift: np.ndarray,

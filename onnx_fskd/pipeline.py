@@ -13,23 +13,19 @@ import onnx
 
 from .data import Samples, input_specs
 from .errors import FskdError
-from .fuse import ModelWriter, bias_slot, merge_adapter, mergeable
+from .correct import FitSettings, PointFit, Rows, fit_adapter, fit_weights
+from .fuse import ModelWriter, write_update
 from .graph import GraphIndex
 from .metrics import relative_error, top1_agreement
 from .normalize import normalise
 from .pairing import ChannelMapper, PointPair, match_activations, pair_points, read_map
 from .points import CorrectionPoint, find_points
-from .report import FitReport, OutputMetrics, PointReport
+from .report import FitReport, OutputMetrics
 from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
 from .segments import SegmentRunner
-from .solve import Adapter, solve_adapter
-from .stats import GramStats, as_rows
+from .solve import Adapter
+from .stats import as_rows
 from .verify import EXACTNESS_TOLERANCE, check_model, exactness, with_explicit_adapters
-
-# A Q must cut the held-out error by this fraction to be kept; float noise alone never passes.
-MIN_GAIN = 1e-3
-# Below this relative error the student already matches (float32 noise): there is nothing to fit.
-NOISE_FLOOR = 1e-5
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -39,6 +35,7 @@ class FitConfig:
     mode: str = "sequential"          # sequential | parallel
     points: str = "auto"              # auto | block-ends
     residual_target: str = "sum"      # sum | plain
+    solver: str = "q"                 # q | full
     ridge: float = 1e-3
     holdout: float = 0.2
     batch_size: int = DEFAULT_BATCH
@@ -74,73 +71,94 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
 
     providers = resolve_providers(config.provider)
     fixed_batch = input_specs(student)[0].batch_dim
-    fit_rows, held_rows = split_holdout(len(samples), config.holdout, config.seed)
+    rows = Rows(*split_holdout(len(samples), config.holdout, config.seed))
     report = FitReport(provider="", mode=config.mode, points_option=config.points,
-                       residual_target=config.residual_target, samples_fit=len(fit_rows),
-                       samples_heldout=len(held_rows),
+                       residual_target=config.residual_target, solver=config.solver, samples_fit=len(rows.fit),
+                       samples_heldout=len(rows.held),
                        skipped=[{"node": n, "reason": r} for n, r in s_points.skipped])
-    runners = [SegmentRunner(m, g, providers, config.batch_size, fixed_batch)
-               for m, g in ((teacher, t_graph), (student, s_graph))]
-    t_run, s_run = runners
-    for runner in runners:
+    t_run, s_run = (SegmentRunner(m, g, providers, config.batch_size, fixed_batch)
+                    for m, g in ((teacher, t_graph), (student, s_graph)))
+    for runner in (t_run, s_run):
         runner.start(samples.arrays)
+    settings = FitSettings(config.ridge, config.batch_size)
     mapper = ChannelMapper(t_graph, s_graph)
-    adapters: dict[str, Adapter] = {}
+    fits: list[tuple[CorrectionPoint, PointFit]] = []
     fitted_outputs: set[str] = set()
     point_outputs = {p.student.output for p in pairs}
     for index, pair in enumerate(pairs):
         s, t = pair.student, pair.teacher
-        use_sum = (config.residual_target == "sum" and s.residual_skip and t.residual_skip
-                   and (s.residual_skip in fitted_outputs or s.residual_skip not in point_outputs))
-        s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []))
+        use_sum = bool(config.residual_target == "sum" and s.residual_skip and t.residual_skip
+                       and (s.residual_skip in fitted_outputs or s.residual_skip not in point_outputs))
+        want_input = config.solver == "full"
+        s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []) + ([s.input] if want_input else []))
         t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []))
         y = s_out[s.output]
-        kept, how = _kept_channels(pair, mapper, y, t_out[t.output], fit_rows)
+        kept, how = _kept_channels(pair, mapper, y, t_out[t.output], rows.fit)
         pair = PointPair(t, s, pair.source, kept)
         mapper.record(pair)
         target = np.take(t_out[t.output], kept, axis=s.channel_axis)
         if use_sum:
             target = target + np.take(t_out[t.residual_skip], kept, axis=s.channel_axis) - s_out[s.residual_skip]
-        adapter, point_report = _fit_point(pair, y, target, fit_rows, held_rows, config, s_graph, how,
-                                           "sum" if use_sum else "plain")
-        report.points.append(point_report)
-        if point_report.status == "kept":
-            adapters[s.name] = adapter
+        kind = "sum" if use_sum else "plain"
+        if want_input:
+            point_fit = fit_weights(pair, s_graph, s_out[s.input], y, target, rows, settings, kind, how)
+        else:
+            point_fit = fit_adapter(pair, s_graph, y, target, rows, settings, kind, how)
+        report.points.append(point_fit.report)
+        if point_fit.update is not None:
+            fits.append((s, point_fit))
             if config.mode == "sequential":
-                s_run.replace(s.output, adapter.apply(y, s.channel_axis))
+                s_run.replace(s.output, point_fit.corrected)
         fitted_outputs.add(s.output)
         if progress:
             progress("points", index + 1, len(pairs))
-    teacher_outputs = t_run.compute(s_graph.graph_outputs)
+    out_name = s_graph.graph_outputs[0]
+    teacher_outputs = t_run.compute([out_name])[out_name]
+    predicted_outputs = s_run.compute([out_name])[out_name]
     clock.lap("fit")
 
-    merged = onnx.ModelProto()
-    merged.CopyFrom(student)
+    merged = _copy(student)
     writer = ModelWriter(merged)
-    by_name = {p.student.name: p.student for p in pairs}
-    for name, adapter in adapters.items():
-        merge_adapter(writer, by_name[name], adapter)
+    for point, point_fit in fits:
+        write_update(writer, point, point_fit.update)
     clock.lap("merge")
 
     check_model(merged)
-    verify_rows = (held_rows if len(held_rows) else fit_rows)
+    verify_rows = rows.held if len(rows.held) else rows.fit
     held = {k: v[verify_rows] for k, v in samples.arrays.items()}
-    explicit = with_explicit_adapters(student, [(by_name[n], a) for n, a in adapters.items()])
-    report.exactness = exactness(merged, explicit, {k: v[:config.verify_samples] for k, v in held.items()},
+    report.exactness = exactness(merged, _explicit_reference(student, fits),
+                                 {k: v[:config.verify_samples] for k, v in held.items()},
                                  providers, config.batch_size, fixed_batch)
     if report.exactness > EXACTNESS_TOLERANCE:
         raise FskdError(f"internal: merged model differs from the explicit-Q model by {report.exactness:.2e} "
                         f"(> {EXACTNESS_TOLERANCE}); nothing written")
-    out_name = s_graph.graph_outputs[0]
-    reference = teacher_outputs[out_name][verify_rows]
+    reference = teacher_outputs[verify_rows]
     sessions = [make_session(m, providers) for m in (student, merged)]
     before, after = (run_batched(sess, held, [out_name], config.batch_size, fixed_batch)[out_name] for sess in sessions)
+    if config.mode == "sequential":
+        report.consistency = relative_error(after, predicted_outputs[verify_rows])
     report.provider = session_device(sessions[0])
     report.before = OutputMetrics(relative_error(before, reference), top1_agreement(before, reference))
     report.after = OutputMetrics(relative_error(after, reference), top1_agreement(after, reference))
     clock.lap("verify")
     report.seconds = clock.laps
-    return FitResult(merged, report, adapters)
+    return FitResult(merged, report, {p.name: f.adapter for p, f in fits if f.adapter is not None})
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _explicit_reference(student: onnx.ModelProto, fits: list[tuple[CorrectionPoint, PointFit]]) -> onnx.ModelProto:
+    """The student with explicit Q nodes for Q-solver points and written weights for full-solver points."""
+    explicit = with_explicit_adapters(student, [(p, f.adapter) for p, f in fits if f.adapter is not None])
+    writer = ModelWriter(explicit)
+    for point, point_fit in fits:
+        if point_fit.adapter is None:
+            write_update(writer, point, point_fit.update)
+    return explicit
 
 
 def check_compatible(teacher: onnx.ModelProto, student: onnx.ModelProto) -> None:
@@ -211,34 +229,13 @@ def _checked_kept(kept: np.ndarray, pair: PointPair) -> np.ndarray:
     return kept
 
 
-def _fit_point(pair: PointPair, y: np.ndarray, target: np.ndarray, fit_rows: np.ndarray, held_rows: np.ndarray,
-               config: FitConfig, graph: GraphIndex, how: str, target_kind: str) -> tuple[Adapter, PointReport]:
-    s = pair.student
-    axis = s.channel_axis
-    fit_stats, held_stats = GramStats.empty(s.channels), GramStats.empty(s.channels)
-    for stats, rows in ((fit_stats, fit_rows), (held_stats, held_rows)):
-        for start in range(0, len(rows), config.batch_size):
-            chunk = rows[start:start + config.batch_size]
-            stats.add(as_rows(y[chunk], axis), as_rows(target[chunk], axis))
-    fit_bias = bias_slot(s, graph) is not None
-    candidate = mergeable(solve_adapter(fit_stats, s.group_size, config.ridge, fit_bias), s)
-    identity = Adapter.identity(s.channels)
-    judge = held_stats if held_stats.rows else fit_stats
-    before, after = judge.relative_error(identity.q, identity.d), judge.relative_error(candidate.q, candidate.d)
-    kept = before > NOISE_FLOOR and after < before * (1.0 - MIN_GAIN)
-    final = mergeable(solve_adapter(fit_stats + held_stats, s.group_size, config.ridge, fit_bias), s) if kept else identity
-    return final, PointReport(
-        student=s.name, teacher=pair.teacher.name, op_type=s.op_type, channels=s.channels,
-        teacher_channels=pair.teacher.channels, groups=s.groups, rows=fit_stats.rows + held_stats.rows,
-        target=target_kind, channel_map=how, error_before=before, error_after=after,
-        status="kept" if kept else "rejected")
-
-
 def _check_config(config: FitConfig) -> None:
     if config.mode not in ("sequential", "parallel"):
         raise FskdError(f"--mode must be sequential or parallel, got {config.mode}")
     if config.points not in ("auto", "block-ends"):
         raise FskdError(f"--points must be auto or block-ends, got {config.points}")
+    if config.solver not in ("q", "full"):
+        raise FskdError(f"--solver must be q or full, got {config.solver}")
     if config.residual_target not in ("sum", "plain"):
         raise FskdError(f"--residual-target must be sum or plain, got {config.residual_target}")
     if not 0 <= config.holdout < 1:

@@ -18,6 +18,7 @@ class PointReport:
     rows: int
     target: str            # "plain" (the op's own output) or "sum" (the residual Add's output)
     channel_map: str       # how kept channels were found: identity | map | metadata | weights | activations
+    solver: str            # "q" (FSKD's Q after the op) or "full" (the op's whole weight refitted)
     error_before: float    # held-out relative error of the point's output against its target
     error_after: float
     status: str            # "kept" or "rejected" (the guard found no held-out gain)
@@ -37,6 +38,7 @@ class FitReport:
     mode: str
     points_option: str
     residual_target: str
+    solver: str
     samples_fit: int
     samples_heldout: int
     points: list[PointReport] = field(default_factory=list)
@@ -44,6 +46,7 @@ class FitReport:
     before: OutputMetrics | None = None
     after: OutputMetrics | None = None
     exactness: float = 0.0    # max relative error: merged model vs. model with explicit Q nodes
+    consistency: float | None = None  # sequential: merged model vs. the corrected activations the fit used
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -20,6 +20,11 @@ class Adapter:
     def identity(cls, channels: int) -> "Adapter":
         return cls(np.eye(channels), np.zeros(channels))
 
+    @property
+    def params(self) -> np.ndarray:
+        """[Qᵀ; dᵀ]: the adapter as least-squares parameters over [y 1]."""
+        return np.vstack([self.q.T, self.d[None, :]])
+
     def apply(self, tensor: np.ndarray, channel_axis: int) -> np.ndarray:
         moved = np.moveaxis(tensor, channel_axis, -1)
         out = moved @ self.q.T.astype(tensor.dtype) + self.d.astype(tensor.dtype)
@@ -50,3 +55,18 @@ def solve_adapter(stats: GramStats, group_size: int, ridge: float, fit_bias: boo
     q[cols[:, :, None], cols[:, None, :]] = solution[:, :group_size].transpose(0, 2, 1)
     d = solution[:, group_size].reshape(-1) if fit_bias else np.zeros(channels)
     return Adapter(q, d)
+
+
+def solve_weights(stats: GramStats, prior: np.ndarray, ridge: float, fit_bias: bool) -> np.ndarray:
+    """Full-weight refit: minimise ‖T − [X 1]·P‖² + λ‖W − W₀‖², P = [Wᵀ; bᵀ], shrunk towards the
+    current weights W₀ (``prior``, same layout) with λ = ridge · trace(XᵀX)/features."""
+    features = stats.zz.shape[0] - 1
+    keep = np.arange(features + 1) if fit_bias else np.arange(features)
+    gram = stats.zz[np.ix_(keep, keep)]
+    lam = ridge * np.trace(gram[:features, :features]) / max(features, 1) + 1e-12 * (np.abs(gram).max() + 1.0)
+    penalty = np.zeros(len(keep))
+    penalty[:features] = lam
+    solution = np.linalg.solve(gram + np.diag(penalty), stats.zt[keep] + penalty[:, None] * prior[keep])
+    if fit_bias:
+        return solution
+    return np.vstack([solution, prior[features:]])

@@ -20,8 +20,10 @@ class GramStats:
     rows: int
 
     @classmethod
-    def empty(cls, channels: int) -> "GramStats":
-        return cls(np.zeros((channels + 1, channels + 1)), np.zeros((channels + 1, channels)), 0.0, 0)
+    def empty(cls, features: int, targets: int | None = None) -> "GramStats":
+        """Sums for ``features`` inputs per row and ``targets`` outputs (default: as many)."""
+        targets = features if targets is None else targets
+        return cls(np.zeros((features + 1, features + 1)), np.zeros((features + 1, targets)), 0.0, 0)
 
     def __add__(self, other: "GramStats") -> "GramStats":
         return GramStats(self.zz + other.zz, self.zt + other.zt, self.tt + other.tt, self.rows + other.rows)
@@ -42,13 +44,13 @@ class GramStats:
             self.tt += float(np.sum(tc * tc))
             self.rows += len(yc)
 
-    def squared_error(self, q: np.ndarray, d: np.ndarray) -> float:
-        """Σ‖t − Q·y − d‖² over the accumulated rows, from the sums alone."""
-        p = np.vstack([q.T, d[None, :]])
+    def squared_error(self, p: np.ndarray) -> float:
+        """Σ‖t − [y 1]·P‖² over the accumulated rows, from the sums alone."""
         return float(self.tt - 2.0 * np.sum(p * self.zt) + np.sum(p * (self.zz @ p)))
 
-    def relative_error(self, q: np.ndarray, d: np.ndarray) -> float:
-        return float(np.sqrt(max(self.squared_error(q, d), 0.0) / self.tt)) if self.tt > 0 else 0.0
+    def relative_error(self, p: np.ndarray) -> float:
+        """‖t − [y 1]·P‖ / ‖t‖; for an adapter P = [Qᵀ; dᵀ]."""
+        return float(np.sqrt(max(self.squared_error(p), 0.0) / self.tt)) if self.tt > 0 else 0.0
 
 
 def as_rows(tensor: np.ndarray, channel_axis: int) -> np.ndarray:

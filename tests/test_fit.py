@@ -63,14 +63,16 @@ def case(request):
     return request.param, teacher, compress(teacher)
 
 
-def test_fit_recovers_exactly_and_keeps_graph(case):
+@pytest.mark.parametrize("solver", ["q", "full"])
+def test_fit_recovers_exactly_and_keeps_graph(case, solver):
     name, teacher, student = case
     train = Samples(random_inputs(teacher, 160, seed=1))
     test = random_inputs(teacher, 64, seed=2)
-    result = fit(teacher, student, train)
+    result = fit(teacher, student, train, FitConfig(solver=solver))
     report = result.report
     assert report.points, name
     assert report.exactness <= 1e-4
+    assert report.consistency <= 1e-4  # the model computes what the fit assumed downstream
     kept = [p for p in report.points if p.status == "kept"]
     assert kept and all(p.error_after < p.error_before for p in kept)
     assert report.after.relative_error < report.before.relative_error
@@ -164,3 +166,19 @@ def test_map_file_with_wrong_channels_is_refused(tmp_path):
     bad.write_text('{"points": [{"teacher": "c1", "student": "c1", "kept": [0, 1, 99]}]}')
     with pytest.raises(FskdError, match="channel map for c1"):
         fit(teacher, student, Samples(random_inputs(teacher, 16)), map_path=str(bad))
+
+
+def test_full_solver_beats_q_on_pruned_vgg():
+    teacher = vgg_net()
+    student = slice_half(teacher, {"c1": 16, "c2": 16, "c3": 32, "c4": 32, "f1": 48})
+    train = Samples(random_inputs(teacher, 160, seed=1))
+    errors = {solver: fit(teacher, student, train, FitConfig(solver=solver)).report.after.relative_error
+              for solver in ("q", "full")}
+    assert errors["full"] < errors["q"]
+
+
+def test_full_solver_falls_back_to_q_for_grouped_convs():
+    teacher = mobile_net()
+    report = fit(teacher, perturbed(teacher, 0.3), Samples(random_inputs(teacher, 64)), FitConfig(solver="full")).report
+    solvers = {p.student: p.solver for p in report.points}
+    assert solvers["dw1"] == "q" and solvers["gc1"] == "q" and solvers["pw1"] == "full"

@@ -1,0 +1,39 @@
+"""`onnx-fskd decompose`: low-rank factorisation of Conv/Gemm/MatMul layers, writing the map `fit` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnx_fskd.compress import decompose_model
+from onnx_fskd.compress.decompose import check_decompose_options
+from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
+
+from .common import reports_errors
+from .prune_cmd import print_summary
+
+
+@click.command("decompose")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--rank-ratio", type=float, default=None, help="Rank as a fraction of each layer's full rank, in (0, 1].")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the decomposed student.")
+@click.option("--method", type=click.Choice(["svd", "tucker2", "spatial", "auto"]), default="auto", show_default=True,
+              help="Conv factorisation: k×k→1×1 SVD, Tucker-2 (1×1, k×k, 1×1), spatial k×1→1×k, or per layer "
+                   "the one with the fewest MACs. Gemm/MatMul always become two low-rank products.")
+@click.option("--energy", type=float, default=None,
+              help="Instead of --rank-ratio: keep singular values up to this fraction of the squared energy.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@reports_errors
+def decompose_command(model_path: Path, rank_ratio: float | None, output_path: Path, method: str,
+                      energy: float | None, force: bool) -> None:
+    """Replace each Conv (group=1), Gemm and MatMul of MODEL.onnx by a low-rank chain whose last op keeps the
+    layer's name and output, skipping layers where that would not cut MACs, and write -o with the map that
+    `onnx-fskd fit` uses."""
+    check_decompose_options(rank_ratio, method, energy)
+    check_output_path(output_path, [model_path], force)
+    model = load_model(model_path)
+    result = decompose_model(model, rank_ratio=rank_ratio, method=method, energy=energy)
+    save_model_atomic(result.model, output_path, like=model)
+    print_summary(model, result, "decomposition", "rank", output_path)

@@ -1,0 +1,77 @@
+"""`onnx-fskd prune`: structured channel pruning by dependency groups, writing the map `fit` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from onnx_fskd.compress import CompressResult, prune_model
+from onnx_fskd.compress.prune import check_prune_options
+from onnx_fskd.compress.summary import summarize
+from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
+
+from .common import reports_errors
+
+
+@click.command("prune")
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ratio", type=float, required=True, help="Fraction of output channels to remove, in [0, 1).")
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the pruned student.")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "bn", "random"]), default="l1", show_default=True,
+              help="Channel importance: filter L1/L2 norm, BatchNorm |gamma| (network slimming), or random.")
+@click.option("--global", "global_", is_flag=True,
+              help="One threshold over importances normalised per group, instead of the same ratio per layer.")
+@click.option("--exclude", metavar="REGEX", default=None, help="Leave layers whose node name matches REGEX unpruned.")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Keep channel counts multiples of N.")
+@click.option("--prune-residual/--keep-residual", default=False, show_default=True,
+              help="Prune the layers a residual Add couples, as one group with one kept set (default: keep them).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --criterion random.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@reports_errors
+def prune_command(model_path: Path, ratio: float, output_path: Path, criterion: str, global_: bool,
+                  exclude: str | None, round_to: int, prune_residual: bool, seed: int, force: bool) -> None:
+    """Remove --ratio of the output channels of MODEL.onnx's Conv/Gemm/MatMul layers (with everything that
+    reads them), keep node names, inputs and outputs, and write -o with the teacher→student map that
+    `onnx-fskd fit` uses."""
+    check_prune_options(ratio, criterion, exclude, round_to)
+    check_output_path(output_path, [model_path], force)
+    model = load_model(model_path)
+    result = prune_model(model, ratio, criterion=criterion, global_=global_, exclude=exclude, round_to=round_to,
+                         prune_residual=prune_residual, seed=seed)
+    save_model_atomic(result.model, output_path, like=model)
+    print_summary(model, result, "pruning", "channels in→out", output_path)
+
+
+def print_summary(teacher, result: CompressResult, title: str, change_label: str, output_path: Path) -> None:
+    """The per-layer table (before → after), the totals, and the notes on skipped layers."""
+    rows, total = summarize(teacher, result)
+    table = Table(title=title)
+    for column in ("layer", "op", f"{change_label} before", "after", "params", "MACs"):
+        table.add_column(column, justify="right" if column in ("params", "MACs") else "left")
+    for row in rows:
+        table.add_row(row.name, row.op_type, row.before, row.after, _pair(row.params), _pair(row.macs))
+    table.add_section()
+    table.add_row("total", "", "", "", _pair(total.params, percent=True), _pair(total.macs, percent=True))
+    console = Console()
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    console.print(f"wrote {output_path} (map of {len(result.entries)} points in its metadata)")
+
+
+def _pair(values: tuple[int, int], percent: bool = False) -> str:
+    before, after = values
+    text = f"{_short(before)} → {_short(after)}"
+    return f"{text} ({after / before:.1%})" if percent and before else text
+
+
+def _short(count: int) -> str:
+    """1234 → 1.23k, 7225344 → 7.23M: the table stays narrow enough for a terminal."""
+    for size, unit in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(count)

@@ -1,0 +1,89 @@
+"""Low-rank factorisations of one weight, as plain numpy (no graph): each is exact at full rank.
+
+* ``conv_svd``: W (C, Cin, *k) ≈ B·A with A the k×k conv to r channels and B a 1×1 conv r → C.
+* ``conv_tucker2``: HOSVD on the output and input modes: 1×1 (Cin→r1), k×k core (r1→r2), 1×1 (r2→C).
+* ``conv_spatial``: W[o,i,h,w] ≈ Σ_r V[r,i,h]·H[o,r,w], a kh×1 conv (Cin→r) then a 1×kw conv (r→C);
+  from the SVD of W arranged as the (Cin·kh) × (C·kw) matrix M[(i,h),(o,w)] = W[o,i,h,w].
+* ``linear_svd``: an output-major (N, K) matrix ≈ B (N, r) · A (r, K).
+Singular values are split evenly (√S on each side) so both factors have similar scales."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    ratio: float | None = None   # fraction of the full rank
+    energy: float | None = None  # fraction of the squared singular values to keep
+
+    def rank(self, matrix: np.ndarray) -> int:
+        """The rank this choice gives for ``matrix`` (at least 1); only --energy needs its singular values."""
+        full = min(matrix.shape)
+        if self.energy is None:
+            return int(min(full, max(1, math.ceil(self.ratio * full - 1e-9))))
+        power = np.linalg.svd(matrix.astype(np.float64), compute_uv=False) ** 2
+        total = power.sum()
+        if total <= 0:
+            return 1
+        return int(min(full, np.searchsorted(np.cumsum(power) / total, self.energy - 1e-12) + 1))
+
+
+def svd_matrix(weight: np.ndarray) -> np.ndarray:
+    """(C, Cin·k…): the matrix whose rank ``conv_svd`` cuts."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def tucker_matrices(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The input-mode (Cin, C·k…) and output-mode (C, Cin·k…) unfoldings whose ranks are r1 and r2."""
+    return np.moveaxis(weight, 1, 0).reshape(weight.shape[1], -1), weight.reshape(weight.shape[0], -1)
+
+
+def spatial_matrix(weight: np.ndarray) -> np.ndarray:
+    """M[(i,h),(o,w)] = W[o,i,h,w], (Cin·kh, C·kw): the matrix whose rank ``conv_spatial`` cuts."""
+    c, cin, kh, kw = weight.shape
+    return weight.transpose(1, 2, 0, 3).reshape(cin * kh, c * kw)
+
+
+def _split(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """matrix (m, n) ≈ left (m, r) · right (r, n)."""
+    u, s, vt = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
+    root = np.sqrt(s[:rank])
+    return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+def conv_svd(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first: (r, Cin, *k), second: (C, r, 1, …))."""
+    c, kernel = weight.shape[0], weight.shape[1:]
+    left, right = _split(svd_matrix(weight), rank)
+    return right.reshape((rank,) + kernel), left.reshape((c, rank) + (1,) * (weight.ndim - 2))
+
+
+def conv_tucker2(weight: np.ndarray, r1: int, r2: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first 1×1: (r1, Cin, 1, …), core: (r2, r1, *k), last 1×1: (C, r2, 1, …))."""
+    w = weight.astype(np.float64)
+    c, cin = w.shape[:2]
+    unfold_in, unfold_out = tucker_matrices(w)
+    u_in = np.linalg.svd(unfold_in, full_matrices=False)[0][:, :r1]      # (Cin, r1)
+    u_out = np.linalg.svd(unfold_out, full_matrices=False)[0][:, :r2]    # (C, r2)
+    core = np.einsum("oa,ib,oi...->ab...", u_out, u_in, w)               # (r2, r1, *k)
+    ones = (1,) * (w.ndim - 2)
+    return u_in.T.reshape((r1, cin) + ones), core, u_out.reshape((c, r2) + ones)
+
+
+def conv_spatial(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(vertical: (r, Cin, kh, 1), horizontal: (C, r, 1, kw)) for a 2-D conv weight (C, Cin, kh, kw)."""
+    c, cin, kh, kw = weight.shape
+    left, right = _split(spatial_matrix(weight), rank)
+    vertical = left.T.reshape(rank, cin, kh, 1)
+    horizontal = right.reshape(rank, c, kw).transpose(1, 0, 2).reshape(c, rank, 1, kw)
+    return vertical, horizontal
+
+
+def linear_svd(major: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first: (r, K), second: (N, r)) for an output-major (N, K) weight."""
+    left, right = _split(major, rank)
+    return right, left

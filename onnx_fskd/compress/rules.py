@@ -1,0 +1,212 @@
+"""How channels travel through each op kind, for the group walk in groups.py.
+
+A rule receives the node and the ``Carrier`` it was reached from (an input or its output), records the
+constants to slice, enqueues the other tensors that carry the same channels, and returns the tensors it
+accounted for. Anything it cannot follow raises ``Refused`` with the node's name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from ..graph import GraphIndex
+from ..ops.base import attribute
+from ..pairing import CHANNEL_PRESERVING
+from .groups import Carrier, Refused, Tracer, is_depthwise, producer_info
+
+Rule = Callable[[Tracer, onnx.NodeProto, Carrier], list[str]]
+
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
+# Ops that work per channel on NCHW-like tensors: the channel axis must be 1.
+SPATIAL = {"BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
+           "GlobalMaxPool", "LpPool", "Resize", "Upsample", "Pad"}
+# Per-channel constants of the unary ops: input index → axis of that constant.
+_CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
+
+
+def rule_for(node: onnx.NodeProto, graph: GraphIndex) -> tuple[Rule | None, bool]:
+    """(rule, whether the node's input and output sides are visited separately)."""
+    if node.domain not in ("", "ai.onnx"):
+        return None, False
+    if node.op_type in ("Conv", "Gemm", "MatMul"):
+        if is_depthwise(node, graph):
+            return depthwise, False
+        return linear, True
+    if node.op_type in ELEMENTWISE:
+        return elementwise, False
+    if node.op_type == "PRelu":
+        return elementwise, False
+    if node.op_type in CHANNEL_PRESERVING:
+        return unary, False
+    return {"Flatten": flatten, "Concat": concat}.get(node.op_type), False
+
+
+def _refuse_extra_outputs(t: Tracer, node: onnx.NodeProto) -> None:
+    for extra in node.output[1:]:
+        if extra and (t.graph.consumers.get(extra) or extra in t.graph.graph_outputs):
+            raise Refused(f"{node.op_type} '{node.name}' has a second output in use ('{extra}')")
+
+
+def linear(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
+    """Reached from its output: one more producer of the group. From its input: a layer that reads the
+    channels, so its weight loses the matching input slices."""
+    graph = t.graph
+    if c.tensor == node.output[0]:
+        info = producer_info(node, graph)
+        if info is None:
+            raise Refused(f"{node.op_type} '{node.name}' produces these channels but its weights cannot be "
+                          f"sliced (grouped, computed at run time, or a full Gemm C)")
+        if c.axis != info.output_axis or not np.array_equal(c.positions, np.arange(info.channels)[:, None]):
+            raise Refused(f"only part of the outputs of {node.op_type} '{node.name}' would be pruned with these channels")
+        t.add_producer(node, info, c.positions)
+        return [c.tensor]
+    if node.input[0] != c.tensor or c.tensor in node.input[1:]:
+        raise Refused(f"{node.op_type} '{node.name}' uses these channels as a weight or bias")
+    weight = graph.constant(node.input[1])
+    if weight is None:
+        raise Refused(f"{node.op_type} '{node.name}' has a weight computed at run time")
+    if node.op_type == "Conv":
+        if int(attribute(node, "group", 1)) != 1:
+            raise Refused(f"grouped Conv '{node.name}' (group={attribute(node, 'group', 1)}) cannot follow channel pruning")
+        if c.axis != 1:
+            raise Refused(f"Conv '{node.name}' reads these channels on axis {c.axis}, not 1")
+        t.cut(node, 1, 1, c.positions)
+    elif node.op_type == "Gemm":
+        if int(attribute(node, "transA", 0)) or c.rank != 2 or c.axis != 1:
+            raise Refused(f"Gemm '{node.name}' reads these channels transposed")
+        t.cut(node, 1, 1 if attribute(node, "transB", 0) else 0, c.positions)
+    else:
+        if weight.ndim != 2 or c.axis != c.rank - 1:
+            raise Refused(f"MatMul '{node.name}' does not read these channels on its last axis")
+        t.cut(node, 1, 0, c.positions)
+    return [c.tensor]
+
+
+def depthwise(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
+    """Depthwise Conv: channel c in, channel c out; weights, bias and the group count shrink together."""
+    if c.axis != 1 or c.tensor not in (node.input[0], node.output[0]):
+        raise Refused(f"depthwise Conv '{node.name}' is reached through its weights")
+    t.cut(node, 1, 0, c.positions)
+    if len(node.input) > 2 and node.input[2]:
+        if not t.graph.is_constant(node.input[2]):
+            raise Refused(f"depthwise Conv '{node.name}' has a bias computed at run time")
+        t.cut(node, 2, 0, c.positions)
+    t.group.depthwise.append(node.name)
+    for tensor in (node.input[0], node.output[0]):
+        t.enqueue(tensor, 1, c.rank, c.positions)
+    return [node.input[0], node.output[0]]
+
+
+def unary(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
+    """One data input, one output, channel j stays channel j; per-channel parameters are sliced."""
+    data, out = node.input[0], node.output[0]
+    if c.tensor not in (data, out) or c.tensor in node.input[1:]:
+        raise Refused(f"{node.op_type} '{node.name}' takes these channels as a parameter")
+    if node.op_type in SPATIAL and c.axis != 1:
+        raise Refused(f"{node.op_type} '{node.name}' works on axis 1, these channels sit on axis {c.axis}")
+    _refuse_extra_outputs(t, node)
+    for index in _CHANNEL_PARAMS.get(node.op_type, ()):
+        if index >= len(node.input) or not t.graph.is_constant(node.input[index]):
+            raise Refused(f"{node.op_type} '{node.name}' has parameters computed at run time")
+        t.cut(node, index, 0, c.positions)
+    if node.op_type == "BatchNormalization" and c.positions.shape[1] == 1:
+        gamma = t.graph.constant(node.input[1]).astype(np.float64)
+        t.group.bn_gammas.append(np.abs(gamma[c.positions[:, 0]]))
+    if node.op_type == "Pad":
+        _check_pad(t, node, c)
+    if node.op_type in ("Resize", "Upsample") and len(node.input) > 3 and node.input[3]:
+        raise Refused(f"Resize '{node.name}' sets explicit output sizes, channels included")
+    for tensor in (data, out):
+        t.enqueue(tensor, c.axis, c.rank, c.positions)
+    return [data, out]
+
+
+def _check_pad(t: Tracer, node: onnx.NodeProto, c: Carrier) -> None:
+    if len(node.input) > 3 and node.input[3]:
+        raise Refused(f"Pad '{node.name}' uses an axes input")
+    pads = t.graph.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attribute(node, "pads", None)
+    if pads is None:
+        raise Refused(f"Pad '{node.name}' has pads computed at run time")
+    pads = np.asarray(pads).reshape(-1)
+    if pads[c.axis] != 0 or pads[c.axis + len(pads) // 2] != 0:
+        raise Refused(f"Pad '{node.name}' pads the channel axis")
+
+
+def elementwise(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
+    """Add/Sub/Mul/Div/PRelu: operands broadcast; a constant with one value per channel is sliced, an
+    activation that carries the channels joins the group (this is how a residual Add couples layers)."""
+    out = node.output[0]
+    out_rank = t.rank(out) or c.rank
+    out_axis = c.axis + (out_rank - c.rank) if c.tensor != out else c.axis
+    total = t.dim(c.tensor, c.axis)
+    if total is None:
+        raise Refused(f"{node.op_type} '{node.name}': the channel count of '{c.tensor}' is unknown")
+    for index, name in enumerate(node.input):
+        if not name:
+            continue
+        value = t.graph.constant(name)
+        rank = value.ndim if value is not None else t.rank(name)
+        if rank is None:
+            raise Refused(f"{node.op_type} '{node.name}': the shape of '{name}' is unknown")
+        axis = out_axis - (out_rank - rank)
+        size = 1 if axis < 0 else (value.shape[axis] if value is not None else t.dim(name, axis))
+        if size == 1:
+            continue
+        if size != total:
+            raise Refused(f"{node.op_type} '{node.name}' broadcasts '{name}' across the channels")
+        if value is not None:
+            t.cut(node, index, axis, c.positions)
+        else:
+            t.enqueue(name, axis, rank, c.positions)
+    t.enqueue(out, out_axis, out_rank, c.positions)
+    return [name for name in node.input if name] + [out]
+
+
+def flatten(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
+    """Flatten(axis=1) of (N, C, H, W): channel j becomes the H·W features j·HW … j·HW+HW-1."""
+    data, out = node.input[0], node.output[0]
+    shape = t.graph.shapes.get(data)
+    axis = int(attribute(node, "axis", 1))
+    if axis != 1 or c.axis != 1 and c.tensor == data:
+        raise Refused(f"Flatten '{node.name}' does not keep the channels first (axis={axis})")
+    if shape is None or any(d is None for d in shape[2:]):
+        raise Refused(f"Flatten '{node.name}': the spatial size of '{data}' is unknown")
+    spatial = int(np.prod(shape[2:], dtype=np.int64))
+    if c.tensor == data:
+        expanded = (c.positions[:, :, None] * spatial + np.arange(spatial)).reshape(len(c.positions), -1)
+        t.enqueue(out, 1, 2, expanded)
+        return [data, out]
+    width = c.positions.shape[1]
+    blocks = c.positions.reshape(len(c.positions), -1, spatial) if width % spatial == 0 else None
+    if blocks is None or np.any(blocks[..., 0] % spatial) or not np.array_equal(blocks, blocks[..., :1] + np.arange(spatial)):
+        raise Refused(f"Flatten '{node.name}': these features do not form whole channels of '{data}'")
+    t.enqueue(data, 1, len(shape), blocks[..., 0] // spatial)
+    return [data, out]
+
+
+def concat(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
+    """Concat on the channel axis: the channels keep their order, shifted by the inputs before them."""
+    out = node.output[0]
+    axis = int(attribute(node, "axis", 0))
+    axis = axis + c.rank if axis < 0 else axis
+    if axis != c.axis:
+        raise Refused(f"Concat '{node.name}' joins on axis {axis}, not the channel axis {c.axis}")
+    sizes = [t.dim(name, axis) for name in node.input]
+    if any(size is None for size in sizes):
+        raise Refused(f"Concat '{node.name}': the channel count of an input is unknown")
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    if c.tensor == out:
+        low, high = c.positions.min(), c.positions.max()
+        index = int(np.searchsorted(offsets, low, side="right") - 1)
+        if high >= offsets[index + 1]:
+            raise Refused(f"Concat '{node.name}': these channels span several of its inputs")
+        source = node.input[index]
+        t.enqueue(source, axis, c.rank, c.positions - offsets[index])
+        return [source, out]
+    inputs = list(node.input)
+    if inputs.count(c.tensor) != 1:
+        raise Refused(f"Concat '{node.name}' takes '{c.tensor}' more than once")
+    t.enqueue(out, axis, c.rank, c.positions + offsets[inputs.index(c.tensor)])
+    return [c.tensor, out]
