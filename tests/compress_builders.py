@@ -43,6 +43,22 @@ def separable_net(seed: int = 0) -> onnx.ModelProto:
     return b.model(b.gemm("fc", x, 32, 10), (3, 12, 12), 10, "separable")
 
 
+def se_net(seed: int = 0) -> onnx.ModelProto:
+    """MobileNetV3/EfficientNet-like inverted residual: expand 1×1, depthwise, squeeze-and-excitation gate
+    (ReduceMean → 1×1 → ReLU → 1×1 → Sigmoid → Mul), project 1×1, residual Add; GAP → Squeeze → Gemm."""
+    b = Builder(seed)
+    stem = b.conv_bn_relu("stem", "input", 3, 8)
+    x = b.node("HardSwish", "expand.act", [b.bn("expand.bn", b.conv("expand", stem, 8, 24, k=1), 24)])
+    x = b.conv_bn_relu("dw", x, 24, 24, group=24)
+    pooled = b.node("ReduceMean", "se.pool", [x], axes=[2, 3], keepdims=1)
+    gate = b.node("Relu", "se.relu", [b.conv("se.reduce", pooled, 24, 6, k=1)])
+    gate = b.node("Sigmoid", "se.gate", [b.conv("se.expand", gate, 6, 24, k=1)])
+    x = b.node("Mul", "se.mul", [x, gate])
+    x = b.node("Add", "add", [b.bn("project.bn", b.conv("project", x, 24, 8, k=1), 8), stem])
+    x = b.node("Squeeze", "squeeze", [b.node("GlobalAveragePool", "gap", [x]), b.const_int("squeeze.axes", [2, 3])])
+    return b.model(b.gemm("fc", x, 8, 10), (3, 8, 8), 10, "se")
+
+
 def reshape_net(seed: int = 0, extra_conv: bool = False) -> onnx.ModelProto:
     """conv → ReLU → Reshape (not Flatten) → Gemm: the grouping cannot follow the Reshape."""
     b = Builder(seed)

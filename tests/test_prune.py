@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from builders import matmul_mlp, mobile_net, random_inputs, resnet_net, vgg_net
 from cli.main import main
-from compress_builders import concat_net, relative, reshape_net, run, separable_net, single_gemm
+from compress_builders import concat_net, relative, reshape_net, run, se_net, separable_net, single_gemm
 from onnx_fskd.compress import CompressResult, prune_model
 from onnx_fskd.costs import count_costs
 from onnx_fskd.data import Samples
@@ -32,6 +32,8 @@ CASES = {
     "concat": (concat_net, {}),
     "separable": (separable_net, {}),
     "mlp": (matmul_mlp, {}),
+    "se": (se_net, {}),
+    "se-prune-residual": (se_net, {"prune_residual": True}),
 }
 
 
@@ -187,6 +189,15 @@ def test_depthwise_passes_channels_and_shrinks_group():
     assert np.array_equal(kept["dw1"], kept["stem"]) and np.array_equal(kept["dw2"], kept["pw1"])
     groups = {n.name: next(a.i for a in n.attribute if a.name == "group") for n in result.model.graph.node if n.name in ("dw1", "dw2")}
     assert groups == {"dw1": 8, "dw2": 12}
+
+
+def test_gate_joins_the_group_but_only_a_residual_add_keeps_it():
+    result = prune_model(se_net(), 0.5)
+    kept = kept_map(result)
+    assert len(kept["expand"]) == 12 and np.array_equal(kept["expand"], kept["se.expand"])
+    assert np.array_equal(kept["dw"], kept["expand"]) and len(kept["se.reduce"]) == 3
+    assert len(kept["project"]) == 8 and len(kept["stem"]) == 8
+    assert any(note.startswith("stem, project: coupled by a residual Add") for note in result.notes)
 
 
 def test_grouped_conv_is_refused_with_its_name():

@@ -11,7 +11,7 @@ import pytest
 
 from onnx_fskd.data import input_specs, load_samples
 from onnx_fskd.metrics import accuracy
-from onnx_fskd.pipeline import fit
+from onnx_fskd.pipeline import FitConfig, fit
 from onnx_fskd.runtime import make_session, run_batched
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -25,16 +25,20 @@ def test_accuracy(model: onnx.ModelProto, test: np.lib.npyio.NpzFile) -> float:
 test_accuracy.__test__ = False  # a helper, not a test
 
 
-@pytest.mark.parametrize("net", ["vgg", "resnet"])
-def test_pruned_mnist_student_recovers(net):
+# Accuracy points the recovered student may stay below its teacher (measured margins: README/BENCHMARKS).
+TOLERANCE = {("vgg", "full"): 0.01, ("resnet", "full"): 0.03, ("vgg", "q"): 0.05, ("resnet", "q"): 0.05}
+
+
+@pytest.mark.parametrize("net,solver", sorted(TOLERANCE))
+def test_pruned_mnist_student_recovers(net, solver):
     teacher = onnx.load(SAMPLES / f"{net}_teacher.onnx")
     student = onnx.load(SAMPLES / f"{net}_student.onnx")
     assert not student.metadata_props  # pruned elsewhere: fit must infer the pairing itself
     calib = load_samples(SAMPLES / "calib.npz", input_specs(student))
     assert len(calib) == 100 and calib.labels is None
     test = np.load(SAMPLES / "test.npz")
-    result = fit(teacher, student, calib)
+    result = fit(teacher, student, calib, FitConfig(solver=solver))
     acc_teacher, acc_student, acc_fit = (test_accuracy(m, test) for m in (teacher, student, result.model))
     assert acc_student < acc_teacher - 0.3  # the student really is broken
-    assert acc_fit >= acc_teacher - 0.05, (acc_teacher, acc_student, acc_fit)
+    assert acc_fit >= acc_teacher - TOLERANCE[net, solver], (acc_teacher, acc_student, acc_fit)
     assert result.report.exactness <= 1e-4
