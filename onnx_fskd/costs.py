@@ -10,13 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
-from onnx import helper
 
-# Initializers up to this many elements stay in the copy given to shape inference: they are the shape and
-# axes constants that Reshape or Slice need. Larger ones (weights) become inputs, so no weight bytes are copied.
-_SHAPE_CONSTANT_LIMIT = 64
-
-Shape = tuple[int | None, ...]  # None where a dimension is unknown
+from .shapes import Shape, infer_tensor_shapes
 
 
 @dataclass(frozen=True)
@@ -46,7 +41,7 @@ def count_costs(model: onnx.ModelProto, batch: int = 1) -> ModelCost:
     """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    shapes = _inferred_shapes(model, batch)
+    shapes = infer_tensor_shapes(model, batch)
     layers = []
     for index, node in enumerate(graph.node):
         params = sum(_numel(initializers[name].dims) for name in node.input if name in initializers)
@@ -58,40 +53,6 @@ def count_costs(model: onnx.ModelProto, batch: int = 1) -> ModelCost:
         layers.append(LayerCost(name, node.op_type, params, macs))
     total_params = sum(_numel(t.dims) for t in graph.initializer)
     return ModelCost(layers, total_params, sum(layer.macs for layer in layers))
-
-
-def _inferred_shapes(model: onnx.ModelProto, batch: int) -> dict[str, Shape]:
-    """Every tensor shape inference can reach; a graph input's symbolic first dimension becomes ``batch``."""
-    shapes: dict[str, Shape] = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    batch_symbols = {value.type.tensor_type.shape.dim[0].dim_param for value in model.graph.input
-                     if value.type.tensor_type.shape.dim} - {""}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_weightless_copy(model), data_prop=True).graph
-    except Exception:  # inference refuses some graphs (unknown custom ops): keep the declared shapes
-        inferred = model.graph
-    for value in [*inferred.input, *inferred.value_info, *inferred.output]:
-        tensor_type = value.type.tensor_type
-        if value.name not in shapes and tensor_type.HasField("shape"):
-            shapes[value.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else batch if d.dim_param in batch_symbols else None
-                for d in tensor_type.shape.dim)
-    return shapes
-
-
-def _weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its weights declared as inputs of the same shape, for fast inference at any model size
-    (serialising weights beyond 2 GiB would fail)."""
-    graph = model.graph
-    declared = {value.name for value in graph.input}
-    kept = [t for t in graph.initializer
-            if _numel(t.dims) <= _SHAPE_CONSTANT_LIMIT and t.data_location != onnx.TensorProto.EXTERNAL]
-    kept_names = {t.name for t in kept}
-    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer
-               if t.name not in kept_names and t.name not in declared]
-    copy = helper.make_graph(list(graph.node), graph.name, [*graph.input, *weights], list(graph.output),
-                             kept, value_info=list(graph.value_info))
-    return helper.make_model(copy, ir_version=model.ir_version, opset_imports=list(model.opset_import),
-                             functions=list(model.functions))
 
 
 def _numel(shape) -> int:

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .shapes import infer_tensor_shapes
+
 
 class GraphIndex:
     """Lookups the pipeline needs repeatedly; built once per model (onnx has no such index itself)."""
@@ -45,16 +47,7 @@ class GraphIndex:
     @cached_property
     def shapes(self) -> dict[str, tuple[int | None, ...]]:
         """Tensor shapes from onnx shape inference (symbolic dimensions as None)."""
-        inferred = onnx.shape_inference.infer_shapes(_without_weights(self.model))
-        shapes = {}
-        for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-            tensor_type = value.type.tensor_type
-            if tensor_type.HasField("shape"):
-                shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                           for d in tensor_type.shape.dim)
-        for name, tensor in self.initializers.items():
-            shapes[name] = tuple(tensor.dims)
-        return shapes
+        return infer_tensor_shapes(self.model)
 
     def ancestors(self, tensor: str) -> set[str]:
         """Names of all nodes the tensor depends on."""
@@ -68,24 +61,3 @@ class GraphIndex:
             stack.extend(i for i in node.input if i)
         return seen
 
-
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference only needs initializer shapes; dropping their bytes keeps it under protobuf's 2 GB limit."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model) if model.ByteSize() < 2**30 else _copy_without_raw(model, light)
-    return light
-
-
-def _copy_without_raw(model: onnx.ModelProto, light: onnx.ModelProto) -> None:
-    graph = model.graph
-    saved = list(graph.initializer)
-    del graph.initializer[:]
-    light.CopyFrom(model)
-    graph.initializer.extend(saved)
-    for tensor in saved:
-        stub = light.graph.initializer.add()
-        stub.name, stub.data_type = tensor.name, tensor.data_type
-        stub.dims.extend(tensor.dims)
-        # A stub of the right shape: shape inference reads dims, not values.
-        stub.data_location = onnx.TensorProto.DEFAULT
-        stub.raw_data = b""

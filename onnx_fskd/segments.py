@@ -13,6 +13,7 @@ from onnx.utils import Extractor
 from .errors import FskdError
 from .graph import GraphIndex
 from .runtime import make_session, run_batched
+from .shapes import weightless_copy
 
 
 class SegmentRunner:
@@ -25,7 +26,10 @@ class SegmentRunner:
         self.batch_size = batch_size
         self.fixed_batch = fixed_batch
         self.ir_version = model.ir_version
-        self.extractor = Extractor(onnx.shape_inference.infer_shapes(model))
+        self.extractor = Extractor(model)
+        # Cut points need typed value infos; infer them on a weightless copy instead of the whole model.
+        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model)).graph
+        self.extractor.value_infos.update({v.name: v for v in inferred.value_info})
         self.cache: dict[str, np.ndarray] = {}
         self.done: set[str] = set()
         self.segments_run = 0
