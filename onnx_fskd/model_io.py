@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -50,45 +51,30 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike], f
 
 
 def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, like: onnx.ModelProto | None = None) -> None:
-    """Write to a temporary file in the target folder, then rename, so a failure never leaves half a model.
+    """Write into a temporary folder beside the target, then rename, so a failure never leaves half a model.
 
     ``like`` is the model whose IR version and opsets the output must keep (onnx 1.23 would otherwise
     stamp IR 14, which current onnxruntime refuses).
     """
     out = Path(out)
     if like is not None:
+        opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in like.opset_import]
         model.ir_version = like.ir_version
         del model.opset_import[:]
-        model.opset_import.extend(like.opset_import)
+        model.opset_import.extend(opsets)
     external = model.ByteSize() > _PROTOBUF_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.resolve().parent))
-    os.close(fd)
-    data_name = f"{out.name}.data"
-    tmp_data = Path(tmp).parent / f"{Path(tmp).name}.data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=str(out.resolve().parent)))
     try:
+        staged = staging / out.name
         if external:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            # The .onnx file names its data file; rename data first so the final name is what it points to.
-            reloaded = onnx.load(tmp, load_external_data=False)
-            for tensor in _external_tensors(reloaded):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            onnx.save_model(reloaded, tmp)
-            os.replace(tmp_data, out.parent / data_name)
+            data_name = f"{out.name}.data"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # saving as external data strips the weights from the proto it is given
+            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(staging / data_name, out.parent / data_name)
         else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        for leftover in (Path(tmp), tmp_data):
-            if leftover.exists():
-                leftover.unlink()
-        raise
-
-
-def _external_tensors(model: onnx.ModelProto):
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            yield tensor
-
+            onnx.save_model(model, str(staged))
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

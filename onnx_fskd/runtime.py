@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,6 +17,7 @@ log = logging.getLogger(__name__)
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 DEFAULT_BATCH = 64
+_PROTOBUF_LIMIT = 2**31 - 1
 
 
 def resolve_providers(choice: str = "auto") -> list[str]:
@@ -48,12 +51,25 @@ def make_session(model: onnx.ModelProto, providers: list[str]) -> ort.InferenceS
     if "CUDAExecutionProvider" in providers:
         _preload_cuda_libraries()
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        else:
+            session = _session_from_files(model, options, providers)
     except Exception as exc:
         raise FskdError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
     if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
         log.warning("CUDA provider could not start; running on CPU")
     return session
+
+
+def _session_from_files(model: onnx.ModelProto, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """Models over protobuf's 2 GiB limit cannot travel as bytes: ORT reads them from disk with external data."""
+    with tempfile.TemporaryDirectory(prefix="onnx_fskd_") as folder:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        path = os.path.join(folder, "model.onnx")
+        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
+        return ort.InferenceSession(path, options, providers=providers)
 
 
 def session_device(session: ort.InferenceSession) -> str:
