@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 
 from .errors import FskdError, UsageError
+from .shapes import weightless_copy
 
 # Protobuf refuses to serialise a single message above 2 GiB; larger models must use external data.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -27,11 +28,16 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise FskdError(f"{path} is not a valid ONNX model: its graph has no nodes")
     try:
-        onnx.checker.check_model(model, full_check=False)
+        check(model)
     except Exception as exc:  # onnx.checker.ValidationError and friends
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FskdError(f"{path} is not a valid ONNX model: {first}") from None
     return model
+
+
+def check(model: onnx.ModelProto) -> None:
+    """onnx.checker, which refuses protos over 2 GiB: those are checked without their weight bytes."""
+    onnx.checker.check_model(model if model.ByteSize() < _PROTOBUF_LIMIT else weightless_copy(model))
 
 
 def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> Path:

@@ -9,6 +9,7 @@ import onnx
 from .errors import FskdError
 from .graph import GraphIndex
 from .metrics import relative_error
+from .model_io import check
 from .points import CorrectionPoint
 from .runtime import make_session, run_batched
 from .solve import Adapter
@@ -40,7 +41,7 @@ def with_explicit_adapters(student: onnx.ModelProto, adapters: list[tuple[Correc
 
 def check_model(model: onnx.ModelProto) -> None:
     try:
-        onnx.checker.check_model(model)
+        check(model)
     except Exception as exc:
         raise FskdError(f"internal: the merged model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
