@@ -76,9 +76,9 @@ def fit_command(teacher_path: Path, student_path: Path, data_path: Path, output_
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
-        task = bar.add_task("fitting points", total=None)
+        tasks = {"points": bar.add_task("points", total=None), "samples": bar.add_task("samples", total=None)}
         result = fit(teacher, student, samples, config, str(map_path) if map_path else None,
-                     progress=lambda stage, done, total: bar.update(task, completed=done, total=total))
+                     progress=lambda stage, done, total: bar.update(tasks[stage], completed=done, total=total))
     save_model_atomic(result.model, output_path, like=student)
     if report_path:
         try:

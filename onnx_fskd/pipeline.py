@@ -27,7 +27,7 @@ from .solve import Adapter
 from .stats import as_rows
 from .verify import EXACTNESS_TOLERANCE, check_model, exactness, with_explicit_adapters
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+Progress = Callable[[str, int, int], None]  # ("points" | "samples", done, total)
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
                        residual_target=config.residual_target, solver=config.solver, samples_fit=len(rows.fit),
                        samples_heldout=len(rows.held),
                        skipped=[{"node": n, "reason": r} for n, r in s_points.skipped])
-    t_run, s_run = (SegmentRunner(m, g, providers, config.batch_size, fixed_batch)
+    on_batch = (lambda done, total: progress("samples", done, total)) if progress else None
+    t_run, s_run = (SegmentRunner(m, g, providers, config.batch_size, fixed_batch, on_batch)
                     for m, g in ((teacher, t_graph), (student, s_graph)))
     for runner in (t_run, s_run):
         runner.start(samples.arrays)

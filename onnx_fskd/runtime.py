@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -82,19 +82,25 @@ def batches(count: int, batch_size: int) -> Iterator[slice]:
 
 
 def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str],
-                batch_size: int, fixed_batch: int | None = None) -> dict[str, np.ndarray]:
-    """Run over all samples in batches; a fixed batch dimension is honoured by padding the last batch."""
+                batch_size: int, fixed_batch: int | None = None,
+                on_batch: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Run over all samples in batches into preallocated arrays; a fixed batch dimension is honoured by
+    padding the last batch. ``on_batch(done, total)`` reports progress in samples."""
     count = len(next(iter(feeds.values())))
     size = fixed_batch or batch_size
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    results: dict[str, np.ndarray] = {}
     for window in batches(count, size):
         chunk = {name: array[window] for name, array in feeds.items()}
         real = window.stop - window.start
         if fixed_batch and real < fixed_batch:
             chunk = {name: _pad_rows(array, fixed_batch) for name, array in chunk.items()}
         for name, value in zip(outputs, session.run(outputs, chunk)):
-            parts[name].append(value[:real])
-    return {name: np.concatenate(values) for name, values in parts.items()}
+            if name not in results:
+                results[name] = np.empty((count,) + value.shape[1:], dtype=value.dtype)
+            results[name][window] = value[:real]
+        if on_batch:
+            on_batch(window.stop, count)
+    return results
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:

@@ -6,6 +6,8 @@ fitted Q can be applied to a cached tensor before anything downstream of it runs
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx.utils import Extractor
@@ -20,11 +22,12 @@ class SegmentRunner:
     """One model, its sample cache, and the set of nodes already run."""
 
     def __init__(self, model: onnx.ModelProto, graph: GraphIndex, providers: list[str],
-                 batch_size: int, fixed_batch: int | None):
+                 batch_size: int, fixed_batch: int | None, on_batch: Callable[[int, int], None] | None = None):
         self.graph = graph
         self.providers = providers
         self.batch_size = batch_size
         self.fixed_batch = fixed_batch
+        self.on_batch = on_batch
         self.ir_version = model.ir_version
         self.extractor = Extractor(model)
         # Cut points need typed value infos; infer them on a weightless copy instead of the whole model.
@@ -69,7 +72,7 @@ class SegmentRunner:
         segment.ir_version = self.ir_version
         session = make_session(segment, self.providers)
         feeds = {name: self.cache[name] for name in inputs}
-        self.cache.update(run_batched(session, feeds, outputs, self.batch_size, self.fixed_batch))
+        self.cache.update(run_batched(session, feeds, outputs, self.batch_size, self.fixed_batch, self.on_batch))
         self.segments_run += 1
 
     def _nodes_for(self, targets: list[str]) -> list[onnx.NodeProto]:
