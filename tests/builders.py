@@ -83,6 +83,21 @@ def resnet_net(seed: int = 0) -> onnx.ModelProto:
     return b.model(b.gemm("fc", x, 32, 10), (3, 16, 16), 10, "resnet")
 
 
+def decomposed_bn_net(seed: int = 0) -> onnx.ModelProto:
+    """Convs without bias followed by BN spelled out as constant Mul and Add, as some exporters emit it,
+    and a Gemm followed by a real BatchNormalization."""
+    b = NetBuilder(seed)
+    x = "input"
+    for name, cin, cout in (("c1", 3, 8), ("c2", 8, 16)):
+        y = b.conv(name, x, cin, cout, bias=False)
+        y = b.node("Mul", f"{name}.mul", [y, b.const(f"{name}.s", b.rng.uniform(0.5, 1.5, (cout, 1, 1)))])
+        y = b.node("Add", f"{name}.add", [y, b.const(f"{name}.t", b.rng.normal(0, 0.1, (1, cout, 1, 1)))])
+        x = b.node("Relu", f"{name}.relu", [y])
+    x = b.node("Flatten", "flat", [b.node("GlobalAveragePool", "gap", [x])], axis=1)
+    x = b.node("Relu", "f1.relu", [b.bn("f1.bn", b.gemm("f1", x, 16, 24), 24)])
+    return b.model(b.gemm("f2", x, 24, 10), (3, 10, 10), 10, "decomposed_bn")
+
+
 def mobile_net(seed: int = 0) -> onnx.ModelProto:
     """Depthwise-separable and grouped convs."""
     b = NetBuilder(seed)

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from builders import matmul_mlp, mobile_net, prune_by_slicing, random_inputs, resnet_net, vgg_net
+from builders import decomposed_bn_net, matmul_mlp, mobile_net, prune_by_slicing, random_inputs, resnet_net, vgg_net
 from onnx_fskd.data import Samples
 from onnx_fskd.errors import FskdError
 from onnx_fskd.metrics import relative_error
@@ -53,6 +53,7 @@ CASES = {
     "resnet-perturbed": (resnet_net, lambda t: perturbed(t, 0.3)),
     "mobile-perturbed": (mobile_net, lambda t: perturbed(t, 0.3)),
     "mlp-pruned": (matmul_mlp, lambda t: slice_half(t, {"m0": 64, "m1": 64})),
+    "decomposed-bn-perturbed": (decomposed_bn_net, lambda t: perturbed(t, 0.3)),
 }
 
 
@@ -182,3 +183,15 @@ def test_full_solver_falls_back_to_q_for_grouped_convs():
     report = fit(teacher, perturbed(teacher, 0.3), Samples(random_inputs(teacher, 64)), FitConfig(solver="full")).report
     solvers = {p.student: p.solver for p in report.points}
     assert solvers["dw1"] == "q" and solvers["gc1"] == "q" and solvers["pw1"] == "full"
+
+
+def test_chains_of_mul_add_and_gemm_bn_are_fitted_through():
+    teacher = decomposed_bn_net()
+    result = fit(teacher, perturbed(teacher, 0.3), Samples(random_inputs(teacher, 96)))
+    from onnx_fskd.graph import GraphIndex
+    from onnx_fskd.points import find_points
+    points = {p.name: p for p in find_points(GraphIndex(teacher)).points}
+    assert [s.op_type for s in points["c1"].chain] == ["Mul", "Add"]
+    assert [s.op_type for s in points["f1"].chain] == ["BatchNormalization"]
+    assert {p.student for p in result.report.points if p.status == "kept"} >= {"c1", "c2", "f1"}
+    assert result.report.exactness <= 1e-4
