@@ -24,16 +24,19 @@ from .prune_cmd import print_summary
                    "the one with the fewest MACs. Gemm/MatMul always become two low-rank products.")
 @click.option("--energy", type=float, default=None,
               help="Instead of --rank-ratio: keep singular values up to this fraction of the squared energy.")
+@click.option("--keep-ends/--decompose-ends", default=True, show_default=True,
+              help="Leave the layers that read the graph input or write the graph output unfactorised: they save "
+                   "few MACs, and no later point can correct a low-rank output layer.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @reports_errors
 def decompose_command(model_path: Path, rank_ratio: float | None, output_path: Path, method: str,
-                      energy: float | None, force: bool) -> None:
+                      energy: float | None, keep_ends: bool, force: bool) -> None:
     """Replace each Conv (group=1), Gemm and MatMul of MODEL.onnx by a low-rank chain whose last op keeps the
     layer's name and output, skipping layers where that would not cut MACs, and write -o with the map that
     `onnx-fskd fit` uses."""
     check_decompose_options(rank_ratio, method, energy)
     check_output_path(output_path, [model_path], force)
     model = load_model(model_path)
-    result = decompose_model(model, rank_ratio=rank_ratio, method=method, energy=energy)
+    result = decompose_model(model, rank_ratio=rank_ratio, method=method, energy=energy, keep_ends=keep_ends)
     save_model_atomic(result.model, output_path, like=model)
     print_summary(model, result, "decomposition", "rank", output_path)

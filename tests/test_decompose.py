@@ -30,7 +30,7 @@ METHODS = ("svd", "tucker2", "spatial", "auto")
 @pytest.mark.parametrize("net", sorted(NETS))
 def test_full_rank_reproduces_the_teacher(net, method):
     teacher = NETS[net]()
-    result = decompose_model(teacher, rank_ratio=1.0, method=method, require_saving=False)
+    result = decompose_model(teacher, rank_ratio=1.0, method=method, keep_ends=False, require_saving=False)
     feeds = random_inputs(teacher, 4)
     assert relative(run(result.model, feeds)["logits"], run(teacher, feeds)["logits"]) < 1e-5
     assert result.layers  # something was decomposed
@@ -88,13 +88,25 @@ def test_last_op_keeps_name_and_output_and_is_mapped():
 
 def test_macs_drop_and_useless_factorisations_are_skipped():
     teacher = matmul_mlp()
-    result = decompose_model(teacher, rank_ratio=0.5)
+    result = decompose_model(teacher, rank_ratio=0.5, keep_ends=False)
     assert {c.name for c in result.layers} == {"m0", "m2"}
     assert any(note.startswith("m1: skipped") and "would not cut its MACs" in note for note in result.notes)
+    with pytest.raises(FskdError, match="no layer to decompose.*m0: kept, it reads the graph input 'input'"):
+        decompose_model(teacher, rank_ratio=0.5)
     teacher = vgg_net()
     result = decompose_model(teacher, rank_ratio=0.5)
     before, after = count_costs(teacher), count_costs(result.model)
     assert after.macs < 0.6 * before.macs and after.params < 0.7 * before.params
+
+
+def test_first_and_last_layers_are_kept_by_default():
+    teacher = vgg_net()
+    names = {c.name for c in decompose_model(teacher, rank_ratio=0.5).layers}
+    assert names == {"c2", "c3", "c4", "f1"}
+    notes = decompose_model(teacher, rank_ratio=0.5).notes
+    assert "c1: kept, it reads the graph input 'input' (--decompose-ends factorises it too)" in notes
+    assert any(note.startswith("f2: kept, it writes the graph output 'logits'") for note in notes)
+    assert {"c1", "f2"} <= {c.name for c in decompose_model(teacher, rank_ratio=0.5, keep_ends=False).layers}
 
 
 def test_auto_takes_the_cheapest_method_per_layer():
@@ -141,8 +153,8 @@ def test_bad_options_are_usage_errors(options, message):
 def test_nothing_to_decompose():
     teacher = mobile_net()
     kept = [n for n in teacher.graph.node if n.name in ("dw1",)]
-    with pytest.raises(FskdError, match="no layer to decompose.*dw1: skipped"):
-        decompose_model(_only(teacher, kept), rank_ratio=0.5)
+    with pytest.raises(FskdError, match="no layer to decompose.*dw1: skipped, grouped/depthwise"):
+        decompose_model(_only(teacher, kept), rank_ratio=0.5, keep_ends=False)
 
 
 def _only(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
@@ -166,7 +178,11 @@ def test_cli_decompose(tmp_path):
     runner = CliRunner()
     done = runner.invoke(main, ["decompose", str(model_path), "--rank-ratio", "0.5", "-o", str(out)])
     assert done.exit_code == 0, done.output
-    assert "c2" in done.output and "total" in done.output
+    assert "c2" in done.output and "total" in done.output and "c1: kept" in done.output
     assert onnx.load(str(out)).ir_version == 10
+    ends = runner.invoke(main, ["decompose", str(model_path), "--rank-ratio", "0.5", "-o", str(out), "--force",
+                                "--decompose-ends", "--method", "svd"])
+    assert ends.exit_code == 0 and "c1: kept" not in ends.output
+    assert {"c1/svd.0", "f2/svd.0"} <= {n.name for n in onnx.load(str(out)).graph.node}
     bad = runner.invoke(main, ["decompose", str(model_path), "-o", str(tmp_path / "x.onnx")])
     assert bad.exit_code == 2 and "exactly one of --rank-ratio and --energy" in bad.output

@@ -53,18 +53,24 @@ def check_decompose_options(rank_ratio: float | None, method: str, energy: float
 
 
 def decompose_model(model: onnx.ModelProto, rank_ratio: float | None = None, method: str = "auto",
-                    energy: float | None = None, *, require_saving: bool = True) -> CompressResult:
+                    energy: float | None = None, *, keep_ends: bool = True, require_saving: bool = True) -> CompressResult:
     """Factorise every Conv (group=1), Gemm and MatMul with a constant weight. ``method`` picks the conv
     factorisation (auto: per layer the one with the fewest MACs); Gemm/MatMul always become two low-rank
-    products. ``require_saving=False`` keeps factorisations that do not cut MACs (for exactness checks)."""
+    products. ``keep_ends`` leaves the layers that read a graph input or write a graph output alone (they
+    save few MACs, and a low-rank output layer cannot be corrected by any later point);
+    ``require_saving=False`` keeps factorisations that do not cut MACs (for exactness checks)."""
     choice = check_decompose_options(rank_ratio, method, energy)
     teacher = normalise(model)
     graph = GraphIndex(teacher)
     namer = _Namer(graph)
+    ends = _end_layers(graph) if keep_ends else {}
     notes: list[str] = []
     changes: list[LayerChange] = []
     replaced: dict[str, Built] = {}
     for node in graph.nodes:
+        if node.name in ends:
+            notes.append(f"{node.name}: kept, {ends[node.name]} (--decompose-ends factorises it too)")
+            continue
         plans, reason = _plans(graph, node, method, choice)
         if reason:
             notes.append(f"{node.name}: {reason}")
@@ -88,6 +94,17 @@ def decompose_model(model: onnx.ModelProto, rank_ratio: float | None = None, met
     return CompressResult(student, entries, notes, changes)
 
 
+def _end_layers(graph: GraphIndex) -> dict[str, str]:
+    """Layers (with their affine chain) that read a graph input or write a graph output, and which."""
+    ends = {}
+    for point in find_points(graph).points:
+        if point.output in graph.graph_outputs:
+            ends[point.name] = f"it writes the graph output '{point.output}'"
+        elif point.input in graph.graph_inputs:
+            ends[point.name] = f"it reads the graph input '{point.input}'"
+    return ends
+
+
 def _plans(graph: GraphIndex, node: onnx.NodeProto, method: str, choice: RankChoice) -> tuple[list[Plan], str | None]:
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul"):
         return [], None
@@ -107,7 +124,7 @@ def _plans(graph: GraphIndex, node: onnx.NodeProto, method: str, choice: RankCho
 
 def _conv_plans(graph, node, weight, method, choice) -> tuple[list[Plan], str | None]:
     wanted = ("svd", "tucker2", "spatial") if method == "auto" else (method,)
-    hw_out = _spatial(graph, node.output[0])
+    hw_out = _spatial(graph, node.output[0]) or 1
     hw_in = _spatial(graph, node.input[0]) or hw_out
     c, cin, kernel = weight.shape[0], weight.shape[1], weight.shape[2:]
     k = math.prod(kernel)
@@ -251,10 +268,11 @@ def _full_rank(graph: GraphIndex, node: onnx.NodeProto) -> int:
     return min(weight.shape[0], int(np.prod(weight.shape[1:]))) if node.op_type == "Conv" else min(weight.shape)
 
 
-def _spatial(graph: GraphIndex, tensor: str) -> int:
+def _spatial(graph: GraphIndex, tensor: str) -> int | None:
+    """H·W (·D) of an NC… tensor, or None when shape inference left it unknown."""
     shape = graph.shapes.get(tensor)
     if shape is None or len(shape) < 3 or any(d is None for d in shape[2:]):
-        return 1
+        return None
     return math.prod(shape[2:])
 
 

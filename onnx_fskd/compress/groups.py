@@ -63,11 +63,7 @@ class Group:
     depthwise: list[str] = field(default_factory=list)
     bn_gammas: list[np.ndarray] = field(default_factory=list)
     refused: str | None = None
-
-    @property
-    def coupled(self) -> bool:
-        """Several layers produce these channels together (a residual Add, a gate): one kept set for all."""
-        return len(self.producers) > 1
+    residual: bool = False  # an Add/Sub sums two tensors carrying these channels (a residual connection)
 
 
 def producer_info(node: onnx.NodeProto, graph: GraphIndex) -> ProducerInfo | None:

@@ -76,8 +76,8 @@ def _prunable(groups: list[Group], pattern: re.Pattern | None, prune_residual: b
             notes.append(f"{names}: not pruned, {group.refused}")
         elif pattern is not None and any(pattern.search(name) for name in group.producers):
             notes.append(f"{names}: excluded by --exclude")
-        elif group.coupled and not prune_residual:
-            notes.append(f"{names}: coupled (residual Add or gate), kept; --prune-residual prunes them as one group")
+        elif group.residual and not prune_residual:
+            notes.append(f"{names}: coupled by a residual Add, kept; --prune-residual prunes them as one group")
         elif group.channels < 2:
             notes.append(f"{names}: a single output channel, kept")
         else:

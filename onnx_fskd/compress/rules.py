@@ -22,6 +22,8 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
 # Ops that work per channel on NCHW-like tensors: the channel axis must be 1.
 SPATIAL = {"BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
            "GlobalMaxPool", "LpPool", "Resize", "Upsample", "Pad"}
+REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceProd",
+          "ReduceLogSumExp", "ReduceSumSquare"}
 # Per-channel constants of the unary ops: input index → axis of that constant.
 _CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
 
@@ -34,13 +36,13 @@ def rule_for(node: onnx.NodeProto, graph: GraphIndex) -> tuple[Rule | None, bool
         if is_depthwise(node, graph):
             return depthwise, False
         return linear, True
-    if node.op_type in ELEMENTWISE:
-        return elementwise, False
-    if node.op_type == "PRelu":
+    if node.op_type in ELEMENTWISE or node.op_type == "PRelu":
         return elementwise, False
     if node.op_type in CHANNEL_PRESERVING:
         return unary, False
-    return {"Flatten": flatten, "Concat": concat}.get(node.op_type), False
+    if node.op_type in REDUCE:
+        return reduce, False
+    return {"Flatten": flatten, "Concat": concat, "Squeeze": squeeze, "Unsqueeze": squeeze}.get(node.op_type), False
 
 
 def _refuse_extra_outputs(t: Tracer, node: onnx.NodeProto) -> None:
@@ -143,6 +145,7 @@ def elementwise(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
     total = t.dim(c.tensor, c.axis)
     if total is None:
         raise Refused(f"{node.op_type} '{node.name}': the channel count of '{c.tensor}' is unknown")
+    carried: set[str] = set()
     for index, name in enumerate(node.input):
         if not name:
             continue
@@ -160,6 +163,9 @@ def elementwise(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
             t.cut(node, index, axis, c.positions)
         else:
             t.enqueue(name, axis, rank, c.positions)
+            carried.add(name)
+    if node.op_type in ("Add", "Sub") and len(carried) > 1:
+        t.group.residual = True
     t.enqueue(out, out_axis, out_rank, c.positions)
     return [name for name in node.input if name] + [out]
 
@@ -210,3 +216,52 @@ def concat(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
         raise Refused(f"Concat '{node.name}' takes '{c.tensor}' more than once")
     t.enqueue(out, axis, c.rank, c.positions + offsets[inputs.index(c.tensor)])
     return [c.tensor, out]
+
+
+def _axes(t: Tracer, node: onnx.NodeProto) -> list[int] | None:
+    """The ``axes`` of a Reduce*/Squeeze/Unsqueeze (attribute in old opsets, constant input in new ones)."""
+    if len(node.input) > 1 and node.input[1]:
+        value = t.graph.constant(node.input[1])
+        return None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
+    axes = attribute(node, "axes", None)
+    return None if axes is None else [int(a) for a in axes]
+
+
+def reduce(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
+    """A reduction over other axes with keepdims=1 (e.g. ReduceMean over H, W in an SE block) keeps channels."""
+    data, out = node.input[0], node.output[0]
+    axes = _axes(t, node)
+    if c.tensor != data and c.tensor != out or c.tensor in node.input[1:]:
+        raise Refused(f"{node.op_type} '{node.name}' takes these channels as its axes")
+    if axes is None or not int(attribute(node, "keepdims", 1)) or not axes and int(attribute(node, "noop_with_empty_axes", 0)) == 0:
+        raise Refused(f"{node.op_type} '{node.name}' may reduce or drop the channel axis")
+    if c.axis in [a + c.rank if a < 0 else a for a in axes]:
+        raise Refused(f"{node.op_type} '{node.name}' reduces over the channels")
+    for tensor in (data, out):
+        t.enqueue(tensor, c.axis, c.rank, c.positions)
+    return [data, out]
+
+
+def squeeze(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
+    """Squeeze/Unsqueeze of other axes: the channels only move to another axis index."""
+    data, out = node.input[0], node.output[0]
+    axes = _axes(t, node)
+    if axes is None:
+        raise Refused(f"{node.op_type} '{node.name}' has no constant axes")
+    if c.tensor not in (data, out) or c.tensor in node.input[1:]:
+        raise Refused(f"{node.op_type} '{node.name}' takes these channels as its axes")
+    rank = c.rank + (len(axes) if (c.tensor == data) == (node.op_type == "Unsqueeze") else -len(axes))
+    wide, narrow = (rank, c.rank) if rank > c.rank else (c.rank, rank)
+    moved = {a + wide if a < 0 else a for a in axes}
+    remaining = [i for i in range(wide) if i not in moved]  # narrow axis j is wide axis remaining[j]
+    if len(remaining) != narrow:
+        raise Refused(f"{node.op_type} '{node.name}' has repeated axes")
+    if c.rank == wide:
+        if c.axis in moved:
+            raise Refused(f"{node.op_type} '{node.name}' squeezes the channel axis")
+        axis = remaining.index(c.axis)
+    else:
+        axis = remaining[c.axis]
+    other = out if c.tensor == data else data
+    t.enqueue(other, axis, rank, c.positions)
+    return [data, out]
