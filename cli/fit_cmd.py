@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -11,12 +12,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from onnx_fskd.compare import ModelFigures, model_figures
+from onnx_fskd.compress import CompressResult
 from onnx_fskd.data import input_specs, load_samples
-from onnx_fskd.errors import FskdError
+from onnx_fskd.errors import FskdError, UsageError
 from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
-from onnx_fskd.pipeline import FitConfig, check_compatible, fit
+from onnx_fskd.pipeline import FitConfig, check_compatible, fit, make_student
 from onnx_fskd.report import FitReport
-from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES
+from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES, resolve_providers
 
 from .common import build_image_options, image_options, reports_errors
 
@@ -25,8 +28,14 @@ _DEFAULTS = FitConfig()
 
 @click.command("fit")
 @click.argument("teacher_path", metavar="TEACHER.onnx", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--student", "student_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--student", "student_path", type=click.Path(dir_okay=False, path_type=Path),
               help="The compressed model to recover (pruned or decomposed).")
+@click.option("--prune", "prune_ratio", type=float, default=None,
+              help="Instead of --student: prune this fraction of TEACHER's channels (L1), then recover.")
+@click.option("--decompose", "rank_ratio", type=float, default=None,
+              help="Instead of --student: decompose TEACHER's layers at this rank ratio, then recover.")
+@click.option("--student-out", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --prune/--decompose: also write the unrecovered student here.")
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
               help="Unlabeled samples: .npy, .npz (one array per input) or a folder of images.")
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -56,18 +65,31 @@ _DEFAULTS = FitConfig()
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @image_options
 @reports_errors
-def fit_command(teacher_path: Path, student_path: Path, data_path: Path, output_path: Path,
+def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: float | None, rank_ratio: float | None,
+                student_out: Path | None, data_path: Path, output_path: Path,
                 num_samples: int | None, mode: str, points: str, residual_target: str, solver: str, ridge: float,
                 holdout: float, batch_size: int, provider: str, map_path: Path | None,
                 report_path: Path | None, force: bool, **image) -> None:
-    """Fit one least-squares 1x1 correction per point of the student so its outputs follow
-    TEACHER.onnx, merge them into the student's weights (no node added) and write -o."""
+    """Fit one least-squares correction per point of the student so its outputs follow TEACHER.onnx,
+    merge them into the student's weights (no node added) and write -o. The student is --student, or
+    made from TEACHER with --prune R or --decompose R."""
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    if sum(option is not None for option in (student_path, prune_ratio, rank_ratio)) != 1:
+        raise UsageError("give exactly one of --student, --prune R or --decompose R")
+    if student_out is not None and student_path is not None:
+        raise UsageError("--student-out goes with --prune or --decompose")
     inputs = [teacher_path, student_path, data_path]
     check_output_path(output_path, inputs, force)
-    if report_path:
-        check_output_path(report_path, inputs + [output_path], force=True)
-    teacher, student = load_model(teacher_path), load_model(student_path)
+    for extra in (student_out, report_path):
+        if extra:
+            check_output_path(extra, inputs + [output_path], force=force or extra == report_path)
+    teacher = load_model(teacher_path)
+    compressed = None
+    if student_path is not None:
+        student = load_model(student_path)
+    else:
+        compressed = make_student(teacher, prune_ratio, rank_ratio)
+        student = compressed.model
     check_compatible(teacher, student)
     samples = load_samples(data_path, input_specs(student), num_samples, build_image_options(**image))
     config = FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver, ridge=ridge,
@@ -80,12 +102,36 @@ def fit_command(teacher_path: Path, student_path: Path, data_path: Path, output_
         result = fit(teacher, student, samples, config, str(map_path) if map_path else None,
                      progress=lambda stage, done, total: bar.update(tasks[stage], completed=done, total=total))
     save_model_atomic(result.model, output_path, like=student)
+    if student_out:
+        save_model_atomic(student, student_out, like=teacher)
+    figures = None
+    if compressed is not None:
+        figures = model_figures({"teacher": teacher, "student": student, "recovered": result.model}, samples,
+                                resolve_providers(provider), batch_size)
     if report_path:
+        document = result.report.to_json() | ({"costs": [asdict(f) for f in figures]} if figures else {})
         try:
-            report_path.write_text(json.dumps(result.report.to_json(), indent=2) + "\n")
+            report_path.write_text(json.dumps(document, indent=2) + "\n")
         except OSError as exc:
             raise FskdError(f"cannot write {report_path}: {exc.strerror or exc}") from None
     _print_report(result.report, output_path)
+    if compressed is not None:
+        _print_compression(compressed, figures, student_out)
+
+
+def _print_compression(compressed: CompressResult, figures: list[ModelFigures], student_out: Path | None) -> None:
+    console = Console()
+    for note in compressed.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    keys = list(figures[0].latency_ms)
+    table = Table(title="cost")
+    for column in ["model", "params", "MACs / sample"] + [f"latency {k.replace('_', ' ')} (ms)" for k in keys]:
+        table.add_column(column, justify="right")
+    for f in figures:
+        table.add_row(f.name, f"{f.params:,}", f"{f.macs:,}", *(f"{f.latency_ms[k]:.3f}" for k in keys))
+    console.print(table)
+    if student_out:
+        console.print(f"wrote unrecovered student {student_out}")
 
 
 def _print_report(report: FitReport, output_path: Path) -> None:

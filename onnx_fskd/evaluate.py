@@ -59,14 +59,13 @@ def evaluate(model: onnx.ModelProto, samples: Samples, reference: onnx.ModelProt
         expected = _first_output(ref_session, samples, batch_size, _fixed_batch(input_specs(reference)))
         agreement, error = top1_agreement(output, expected), relative_error(output, expected)
     cost = count_costs(model, batch=1)
-    latency_sizes = [fixed_batch] if fixed_batch else sorted({1, latency_batch or batch_size})
     return EvalResult(
         accuracy=None if samples.labels is None else accuracy(output, samples.labels),
         agreement=agreement,
         relative_error=error,
         params=cost.params,
         macs=cost.macs // (fixed_batch or 1),
-        latency_ms={f"batch_{n}": _latency_ms(session, samples, n, repeats) for n in latency_sizes},
+        latency_ms=latencies(session, samples, fixed_batch, latency_batch or batch_size, repeats),
         samples=len(samples),
         provider=session_device(session),
     )
@@ -80,6 +79,13 @@ def _first_output(session: ort.InferenceSession, samples: Samples, batch_size: i
                   fixed_batch: int | None) -> np.ndarray:
     name = session.get_outputs()[0].name
     return run_batched(session, samples.arrays, [name], batch_size, fixed_batch)[name]
+
+
+def latencies(session: ort.InferenceSession, samples: Samples, fixed_batch: int | None, batch_size: int,
+              repeats: int = DEFAULT_REPEATS) -> dict[str, float]:
+    """Latency at batch 1 and at ``batch_size`` (only the fixed size for a fixed-batch model), keyed "batch_N"."""
+    sizes = [fixed_batch] if fixed_batch else sorted({1, batch_size})
+    return {f"batch_{n}": _latency_ms(session, samples, n, repeats) for n in sizes}
 
 
 def _latency_ms(session: ort.InferenceSession, samples: Samples, batch: int, repeats: int) -> float:

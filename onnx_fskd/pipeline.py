@@ -13,6 +13,8 @@ import onnx
 
 from .data import Samples, input_specs
 from .errors import FskdError
+from .compress import CompressResult, decompose_model, prune_model
+from .compress.prune import check_prune_options
 from .correct import FitSettings, PointFit, Rows, fit_adapter, fit_weights
 from .fuse import ModelWriter, write_update
 from .graph import GraphIndex
@@ -160,6 +162,15 @@ def _explicit_reference(student: onnx.ModelProto, fits: list[tuple[CorrectionPoi
         if point_fit.adapter is None:
             write_update(writer, point, point_fit.update)
     return explicit
+
+
+def make_student(teacher: onnx.ModelProto, prune_ratio: float | None = None,
+                 rank_ratio: float | None = None) -> CompressResult:
+    """The one-step path: compress the teacher (L1 pruning or decomposition) with the map fit will read."""
+    if prune_ratio is not None:
+        check_prune_options(prune_ratio, "l1", None, 1)
+        return prune_model(teacher, prune_ratio)
+    return decompose_model(teacher, rank_ratio=rank_ratio)
 
 
 def check_compatible(teacher: onnx.ModelProto, student: onnx.ModelProto) -> None:

@@ -178,3 +178,27 @@ def test_unsupported_point_is_skipped_with_warning(files, tmp_path):
     result = run(*fit_args(files, teacher=path, **{"--student": path}))
     assert result.exit_code == 0, result.output
     assert "skipped c2: its weight is computed at run time" in result.output
+
+
+def test_one_step_prune_and_fit(files, tmp_path):
+    student_out, report = tmp_path / "student.pruned.onnx", tmp_path / "r.json"
+    args = ["fit", files["teacher"], "--prune", "0.5", "--data", files["data"], "-o", files["out"],
+            "--student-out", student_out, "--report", report]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    document = json.loads(report.read_text())
+    assert {p["channel_map"] for p in document["points"]} == {"metadata"}
+    costs = {c["name"]: c for c in document["costs"]}
+    assert costs["student"]["macs"] == costs["recovered"]["macs"] < costs["teacher"]["macs"]
+    assert costs["student"]["params"] < 0.5 * costs["teacher"]["params"]
+    assert onnx.load(student_out).metadata_props and onnx.load(files["out"]).graph.node
+
+
+def test_one_step_decompose_and_fit(files):
+    result = run("fit", files["teacher"], "--decompose", "0.5", "--data", files["data"], "-o", files["out"])
+    assert result.exit_code == 0, result.output
+    assert "recovered" in result.output
+
+
+def test_student_and_prune_together_is_a_usage_error(files):
+    assert_error(run(*fit_args(files), "--prune", "0.5"), 2, "exactly one of", files["out"])
