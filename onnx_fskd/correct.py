@@ -80,15 +80,15 @@ def fit_adapter(pair: PointPair, graph: GraphIndex, y: np.ndarray, target: np.nd
     """The paper's FSKD: y ↦ Q·y + d."""
     s = pair.student
     axis = s.channel_axis
-    stats = GramStats.empty(s.channels), GramStats.empty(s.channels)
+    stats = tuple(GramStats.empty(s.channels, blocks=s.groups) for _ in range(2))
     _accumulate(stats, rows, settings.batch_size, lambda i: (as_rows(y[i], axis), as_rows(target[i], axis)))
     fit_bias = bias_slot(s, graph) is not None
-    candidate = mergeable(solve_adapter(stats[0], s.group_size, settings.ridge, fit_bias), s)
-    before, after, kept = _guard(*stats, Adapter.identity(s.channels).params, candidate.params)
+    candidate = mergeable(solve_adapter(stats[0], settings.ridge, fit_bias), s)
+    before, after, kept = _guard(*stats, Adapter.identity(s.channels, s.group_size).params, candidate.params)
     report = _report(pair, stats[0].rows + stats[1].rows, target_kind, how, "q", before, after, kept)
     if not kept:
         return PointFit(None, None, None, report)
-    final = mergeable(solve_adapter(stats[0] + stats[1], s.group_size, settings.ridge, fit_bias), s)
+    final = mergeable(solve_adapter(stats[0] + stats[1], settings.ridge, fit_bias), s)
     return PointFit(adapter_update(s, graph, final), final, final.apply(y, axis), report)
 
 
@@ -116,7 +116,7 @@ def fit_weights(pair: PointPair, graph: GraphIndex, x: np.ndarray, y: np.ndarray
                          (scale_after * (slot.shift if slot else 0.0) + offset)[None, :]])
     rows_per_sample = int(np.prod(y.shape)) // (len(y) * s.channels)
     chunk = max(1, min(settings.batch_size, _FEATURE_BYTES // (8 * rows_per_sample * (features + 1))))
-    stats = GramStats.empty(features, s.channels), GramStats.empty(features, s.channels)
+    stats = tuple(GramStats.empty(features, s.channels) for _ in range(2))
     _accumulate(stats, rows, chunk,
                 lambda i: (point_features(s, graph, x[i]), as_rows(target[i], axis)))
     candidate = solve_weights(stats[0], current, settings.ridge, slot is not None)

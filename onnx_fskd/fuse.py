@@ -66,14 +66,15 @@ def _op_bias(point: CorrectionPoint, graph: GraphIndex) -> np.ndarray:
 
 def mergeable(adapter: Adapter, point: CorrectionPoint) -> Adapter:
     """Rows of Q for channels the chain kills (scale ≈ 0) cannot be merged: reset them to identity."""
-    scale = chain_scale(point)
-    dead = ~_live(scale)
-    if not dead.any():
+    dead = np.flatnonzero(~_live(chain_scale(point)))
+    if not len(dead):
         return adapter
-    q, d = adapter.q.copy(), adapter.d.copy()
-    q[dead] = np.eye(point.channels)[dead]
+    blocks, d = adapter.blocks.copy(), adapter.d.copy()
+    size = blocks.shape[1]
+    blocks[dead // size, dead % size, :] = 0.0
+    blocks[dead // size, dead % size, dead % size] = 1.0
     d[dead] = 0.0
-    return Adapter(q, d)
+    return Adapter(blocks, d)
 
 
 class ModelWriter:

@@ -1,72 +1,100 @@
-"""Ridge least squares for Q and d, block-diagonal for grouped convs, shrunk towards Q = I."""
+"""Ridge least squares: Q and d per diagonal block (grouped convs), shrunk towards Q = I; or a
+point's whole weight, shrunk towards its current value."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from .stats import GramStats
 
 
 @dataclass(frozen=True, eq=False)
 class Adapter:
-    """The fitted correction y ↦ Q·y + d for one point."""
+    """The fitted correction y ↦ Q·y + d for one point, kept as its diagonal blocks (B, g, g)."""
 
-    q: np.ndarray
+    blocks: np.ndarray
     d: np.ndarray
 
     @classmethod
-    def identity(cls, channels: int) -> "Adapter":
-        return cls(np.eye(channels), np.zeros(channels))
+    def identity(cls, channels: int, group_size: int) -> "Adapter":
+        return cls(np.tile(np.eye(group_size), (channels // group_size, 1, 1)), np.zeros(channels))
+
+    @property
+    def q(self) -> np.ndarray:
+        """The full C×C matrix (block-diagonal)."""
+        count, size, _ = self.blocks.shape
+        full = np.zeros((count * size, count * size))
+        index = np.arange(count * size).reshape(count, size)
+        full[index[:, :, None], index[:, None, :]] = self.blocks
+        return full
 
     @property
     def params(self) -> np.ndarray:
-        """[Qᵀ; dᵀ]: the adapter as least-squares parameters over [y 1]."""
-        return np.vstack([self.q.T, self.d[None, :]])
+        """[Qᵀ; dᵀ] per block: the adapter as least-squares parameters over [y 1], shaped (B, g+1, g)."""
+        count, size, _ = self.blocks.shape
+        return np.concatenate([self.blocks.transpose(0, 2, 1), self.d.reshape(count, 1, size)], axis=1)
 
     def apply(self, tensor: np.ndarray, channel_axis: int) -> np.ndarray:
+        count, size, _ = self.blocks.shape
         moved = np.moveaxis(tensor, channel_axis, -1)
-        out = moved @ self.q.T.astype(tensor.dtype) + self.d.astype(tensor.dtype)
+        grouped = moved.reshape(moved.shape[:-1] + (count, size))
+        dtype = tensor.dtype
+        if size == 1:
+            out = grouped[..., 0] * self.blocks[:, 0, 0].astype(dtype)
+        elif count == 1:
+            out = grouped[..., 0, :] @ self.blocks[0].T.astype(dtype)
+        else:
+            out = np.einsum("...bj,bij->...bi", grouped, self.blocks.astype(dtype)).reshape(moved.shape)
+        out = out.reshape(moved.shape) + self.d.astype(dtype)
         return np.ascontiguousarray(np.moveaxis(out, -1, channel_axis))
 
 
-def solve_adapter(stats: GramStats, group_size: int, ridge: float, fit_bias: bool = True) -> Adapter:
+def solve_adapter(stats: GramStats, ridge: float, fit_bias: bool = True) -> Adapter:
     """Minimise ‖T − Y·Qᵀ − d‖² + λ‖Q − I‖² per diagonal block of Q.
 
-    λ = ridge · trace(YᵀY)/C of each block, so the strength does not depend on activation scale or row
+    λ = ridge · trace(YᵀY)/g of each block, so the strength does not depend on activation scale or row
     count. Shrinking towards I (not 0) means scarce data leaves the student as it was, and λ > 0 keeps
     the system positive definite even with fewer rows than channels."""
-    channels = stats.zt.shape[1]
-    blocks = channels // group_size
-    cols = np.arange(channels).reshape(blocks, group_size)
-    rows = np.concatenate([cols, np.full((blocks, 1), channels)], axis=1) if fit_bias else cols
-    gram = stats.zz[rows[:, :, None], rows[:, None, :]]      # (blocks, k, k)
-    cross = stats.zt[rows[:, :, None], cols[:, None, :]]     # (blocks, k, group_size)
-    diag = np.einsum("bii->bi", gram[:, :group_size, :group_size])
+    count, k1, size = stats.zt.shape
+    keep = k1 if fit_bias else size
+    gram, cross = stats.zz[:, :keep, :keep], stats.zt[:, :keep]
+    diag = np.einsum("bii->bi", gram[:, :size, :size])
     lam = ridge * diag.mean(axis=1) + 1e-12 * (diag.max() + 1.0)
+    idx = np.arange(size)
     penalty = np.zeros_like(gram)
-    idx = np.arange(group_size)
     penalty[:, idx, idx] = lam[:, None]
     prior = np.zeros_like(cross)
     prior[:, idx, idx] = lam[:, None]
-    solution = np.linalg.solve(gram + penalty, cross + prior)  # (blocks, k, group_size): [Qᵀ; dᵀ]
-    q = np.zeros((channels, channels))
-    q[cols[:, :, None], cols[:, None, :]] = solution[:, :group_size].transpose(0, 2, 1)
-    d = solution[:, group_size].reshape(-1) if fit_bias else np.zeros(channels)
-    return Adapter(q, d)
+    solution = _solve_spd(gram + penalty, cross + prior)  # (B, keep, g): [Qᵀ; dᵀ]
+    d = solution[:, size].reshape(-1) if fit_bias else np.zeros(count * size)
+    return Adapter(np.ascontiguousarray(solution[:, :size].transpose(0, 2, 1)), d)
 
 
 def solve_weights(stats: GramStats, prior: np.ndarray, ridge: float, fit_bias: bool) -> np.ndarray:
-    """Full-weight refit: minimise ‖T − [X 1]·P‖² + λ‖W − W₀‖², P = [Wᵀ; bᵀ], shrunk towards the
-    current weights W₀ (``prior``, same layout) with λ = ridge · trace(XᵀX)/features."""
-    features = stats.zz.shape[0] - 1
+    """Full-weight refit: minimise ‖T − [X 1]·P‖² + λ‖W − W₀‖², P = [Wᵀ; bᵀ] of shape (F+1, C), shrunk
+    towards the current weights W₀ (``prior``, same layout) with λ = ridge · trace(XᵀX)/F."""
+    zz, zt = stats.zz[0], stats.zt[0]
+    features = zz.shape[0] - 1
     keep = np.arange(features + 1) if fit_bias else np.arange(features)
-    gram = stats.zz[np.ix_(keep, keep)]
+    gram = zz[np.ix_(keep, keep)]
     lam = ridge * np.trace(gram[:features, :features]) / max(features, 1) + 1e-12 * (np.abs(gram).max() + 1.0)
     penalty = np.zeros(len(keep))
     penalty[:features] = lam
-    solution = np.linalg.solve(gram + np.diag(penalty), stats.zt[keep] + penalty[:, None] * prior[keep])
+    solution = _solve_spd((gram + np.diag(penalty))[None], (zt[keep] + penalty[:, None] * prior[keep])[None])[0]
     if fit_bias:
         return solution
     return np.vstack([solution, prior[features:]])
+
+
+def _solve_spd(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Batched solve of symmetric positive definite systems: Cholesky (half LU's work) for one big
+    block, numpy's batched LU for many small ones; LU again if rounding broke definiteness."""
+    if len(lhs) == 1:
+        try:
+            return scipy.linalg.solve(lhs[0], rhs[0], assume_a="pos", check_finite=False)[None]
+        except np.linalg.LinAlgError:
+            pass
+    return np.linalg.solve(lhs, rhs)
