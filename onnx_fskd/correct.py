@@ -19,7 +19,7 @@ from .graph import GraphIndex
 from .pairing import PointPair
 from .report import PointReport
 from .solve import Adapter, solve_adapter, solve_weights
-from .stats import GramStats, as_rows
+from .stats import GramStats, as_planes, as_rows
 
 # A correction must cut the held-out error by this fraction to be kept; float noise alone never passes.
 MIN_GAIN = 1e-3
@@ -81,7 +81,7 @@ def fit_adapter(pair: PointPair, graph: GraphIndex, y: np.ndarray, target: np.nd
     s = pair.student
     axis = s.channel_axis
     stats = tuple(GramStats.empty(s.channels, blocks=s.groups) for _ in range(2))
-    _accumulate(stats, rows, settings.batch_size, lambda i: (as_rows(y[i], axis), as_rows(target[i], axis)))
+    _accumulate(stats, rows, settings.batch_size, lambda i: (as_planes(y[i], axis), as_planes(target[i], axis)))
     fit_bias = bias_slot(s, graph) is not None
     candidate = mergeable(solve_adapter(stats[0], settings.ridge, fit_bias), s)
     before, after, kept = _guard(*stats, Adapter.identity(s.channels, s.group_size).params, candidate.params)

@@ -48,6 +48,8 @@ def make_session(model: onnx.ModelProto, providers: list[str]) -> ort.InferenceS
     """A session on the given providers; falls back to CPU (with a warning) when CUDA cannot start."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Idle ORT threads otherwise spin for a while after each run, starving the numpy work in between.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if "CUDAExecutionProvider" in providers:
         _preload_cuda_libraries()
     try:

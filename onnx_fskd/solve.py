@@ -38,18 +38,17 @@ class Adapter:
         return np.concatenate([self.blocks.transpose(0, 2, 1), self.d.reshape(count, 1, size)], axis=1)
 
     def apply(self, tensor: np.ndarray, channel_axis: int) -> np.ndarray:
+        """Q·y + d along the channel axis; channels-first tensors are multiplied in place of their layout."""
         count, size, _ = self.blocks.shape
-        moved = np.moveaxis(tensor, channel_axis, -1)
-        grouped = moved.reshape(moved.shape[:-1] + (count, size))
+        planes = np.moveaxis(tensor, channel_axis, 1)
+        grouped = planes.reshape(planes.shape[0], count, size, -1)          # (N, B, g, L)
         dtype = tensor.dtype
         if size == 1:
-            out = grouped[..., 0] * self.blocks[:, 0, 0].astype(dtype)
-        elif count == 1:
-            out = grouped[..., 0, :] @ self.blocks[0].T.astype(dtype)
+            out = grouped * self.blocks.astype(dtype)[None, :, :, :1]
         else:
-            out = np.einsum("...bj,bij->...bi", grouped, self.blocks.astype(dtype)).reshape(moved.shape)
-        out = out.reshape(moved.shape) + self.d.astype(dtype)
-        return np.ascontiguousarray(np.moveaxis(out, -1, channel_axis))
+            out = np.matmul(self.blocks.astype(dtype)[None], grouped)
+        out = out.reshape(planes.shape) + self.d.astype(dtype).reshape((1, -1) + (1,) * (planes.ndim - 2))
+        return np.ascontiguousarray(np.moveaxis(out, 1, channel_axis))
 
 
 def solve_adapter(stats: GramStats, ridge: float, fit_bias: bool = True) -> Adapter:

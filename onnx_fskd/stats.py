@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_ROW_CHUNK = 1 << 15  # rows per float64 product: bounds the temporary copies
+_CHUNK_ELEMENTS = 1 << 22  # float64 elements per converted chunk: bounds the temporary copies
 
 
 @dataclass
@@ -34,29 +34,32 @@ class GramStats:
         return GramStats(self.zz + other.zz, self.zt + other.zt, self.tt + other.tt, self.rows + other.rows)
 
     def add(self, y: np.ndarray, t: np.ndarray) -> None:
-        """Accumulate rows of inputs y (rows, B·k) and targets t (rows, B·m)."""
+        """Accumulate inputs y and targets t given as rows (rows, F) or as planes (n, F, L): a conv's
+        (N, C, H·W) output is used as it lies, without a transposing copy. F = B·k features, B·m targets."""
+        if y.ndim == 2:  # rows: one plane of all rows, viewed transposed (BLAS takes it as is)
+            y, t = y.T[None], t.T[None]
+        per_plane = max(1, _CHUNK_ELEMENTS // max(1, y.shape[1] * y.shape[2]))
+        for start in range(0, len(y), per_plane):
+            self._add_planes(y[start:start + per_plane].astype(np.float64), t[start:start + per_plane].astype(np.float64))
+
+    def _add_planes(self, y: np.ndarray, t: np.ndarray) -> None:
         blocks, k1, m = self.zt.shape
         k = k1 - 1
-        for start in range(0, len(y), _ROW_CHUNK):
-            yc = y[start:start + _ROW_CHUNK].astype(np.float64).reshape(-1, blocks, k)
-            tc = t[start:start + _ROW_CHUNK].astype(np.float64).reshape(-1, blocks, m)
-            if blocks == 1:
-                y2, t2 = yc[:, 0], tc[:, 0]
-                self.zz[0, :k, :k] += y2.T @ y2
-                self.zt[0, :k] += y2.T @ t2
-            elif k == 1 and m == 1:  # depthwise: every block is a scalar regression
-                self.zz[:, 0, 0] += np.einsum("rb,rb->b", yc[..., 0], yc[..., 0])
-                self.zt[:, 0, 0] += np.einsum("rb,rb->b", yc[..., 0], tc[..., 0])
-            else:
-                self.zz[:, :k, :k] += np.einsum("rbi,rbj->bij", yc, yc, optimize=True)
-                self.zt[:, :k] += np.einsum("rbi,rbj->bij", yc, tc, optimize=True)
-            sums = yc.sum(axis=0)
-            self.zz[:, :k, k] += sums
-            self.zz[:, k, :k] += sums
-            self.zz[:, k, k] += len(yc)
-            self.zt[:, k] += tc.sum(axis=0)
-            self.tt += float(np.sum(tc * tc))
-            self.rows += len(yc)
+        n, _, length = y.shape
+        yb, tb = y.reshape(n, blocks, k, length), t.reshape(n, blocks, m, length)
+        if k == 1 and m == 1:  # depthwise: every block is a scalar regression
+            self.zz[:, 0, 0] += np.einsum("nbl,nbl->b", yb[:, :, 0], yb[:, :, 0])
+            self.zt[:, 0, 0] += np.einsum("nbl,nbl->b", yb[:, :, 0], tb[:, :, 0])
+        else:
+            self.zz[:, :k, :k] += np.matmul(yb, yb.transpose(0, 1, 3, 2)).sum(axis=0)
+            self.zt[:, :k] += np.matmul(yb, tb.transpose(0, 1, 3, 2)).sum(axis=0)
+        sums = yb.sum(axis=(0, 3))
+        self.zz[:, :k, k] += sums
+        self.zz[:, k, :k] += sums
+        self.zz[:, k, k] += n * length
+        self.zt[:, k] += tb.sum(axis=(0, 3))
+        self.tt += float(np.einsum("i,i->", t.ravel(), t.ravel()))
+        self.rows += n * length
 
     def squared_error(self, p: np.ndarray) -> float:
         """Σ‖t − [y 1]·P‖² over the accumulated rows, from the sums alone; P is (B, k+1, m)."""
@@ -70,3 +73,11 @@ class GramStats:
 def as_rows(tensor: np.ndarray, channel_axis: int) -> np.ndarray:
     """(N, ..., C, ...) → (rows, C): every sample and position is one least-squares row."""
     return np.moveaxis(tensor, channel_axis, -1).reshape(-1, tensor.shape[channel_axis])
+
+
+def as_planes(tensor: np.ndarray, channel_axis: int) -> np.ndarray:
+    """The least-squares rows of a channels-first tensor without copying: (N, C, *spatial) → (N, C, L);
+    channels-last tensors become rows (as_rows)."""
+    if channel_axis == 1 and tensor.ndim > 2:
+        return tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+    return as_rows(tensor, channel_axis)
