@@ -47,16 +47,17 @@ class PointFit:
 
 @dataclass(frozen=True)
 class Rows:
-    """Sample indices used to fit and to judge."""
+    """The samples used to fit and to judge: two contiguous ranges (the samples are ordered so), so
+    that every chunk is a view rather than a copy."""
 
-    fit: np.ndarray
-    held: np.ndarray
+    fit: slice
+    held: slice
 
 
 def _accumulate(stats_pair: tuple[GramStats, GramStats], rows: Rows, chunk: int, make) -> None:
-    for stats, indices in zip(stats_pair, (rows.fit, rows.held)):
-        for start in range(0, len(indices), chunk):
-            features, target = make(indices[start:start + chunk])
+    for stats, part in zip(stats_pair, (rows.fit, rows.held)):
+        for start in range(part.start, part.stop, chunk):
+            features, target = make(slice(start, min(start + chunk, part.stop)))
             stats.add(features, target)
 
 

@@ -29,6 +29,9 @@ from .solve import Adapter
 from .stats import as_rows
 from .verify import EXACTNESS_TOLERANCE, check_model, exactness, with_explicit_adapters
 
+# Memory the teacher may fill ahead with the outputs of upcoming points.
+PREFETCH_BYTES = 1 << 30
+
 Progress = Callable[[str, int, int], None]  # ("points" | "samples", done, total)
 
 
@@ -73,10 +76,12 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
 
     providers = resolve_providers(config.provider)
     fixed_batch = input_specs(student)[0].batch_dim
-    rows = Rows(*split_holdout(len(samples), config.holdout, config.seed))
+    fit_index, held_index = split_holdout(len(samples), config.holdout, config.seed)
+    samples = samples.take(np.concatenate([fit_index, held_index]))
+    rows = Rows(slice(0, len(fit_index)), slice(len(fit_index), len(samples)))
     report = FitReport(provider="", mode=config.mode, points_option=config.points,
-                       residual_target=config.residual_target, solver=config.solver, samples_fit=len(rows.fit),
-                       samples_heldout=len(rows.held),
+                       residual_target=config.residual_target, solver=config.solver, samples_fit=len(fit_index),
+                       samples_heldout=len(held_index),
                        skipped=[{"node": n, "reason": r} for n, r in s_points.skipped])
     on_batch = (lambda done, total: progress("samples", done, total)) if progress else None
     t_run, s_run = (SegmentRunner(m, g, providers, config.batch_size, fixed_batch, on_batch)
@@ -94,7 +99,9 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
                        and (s.residual_skip in fitted_outputs or s.residual_skip not in point_outputs))
         want_input = config.solver == "full"
         s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []) + ([s.input] if want_input else []))
-        t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []))
+        t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []),
+                              prefetch=_teacher_prefetch(pairs[index + 1:], t_run, t_graph, len(samples),
+                                                         config.residual_target == "sum"))
         y = s_out[s.output]
         kept, how = _kept_channels(pair, mapper, y, t_out[t.output], rows.fit)
         pair = PointPair(t, s, pair.source, kept)
@@ -113,6 +120,8 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
             if config.mode == "sequential":
                 s_run.replace(s.output, point_fit.corrected)
         fitted_outputs.add(s.output)
+        later = {name for p in pairs[index + 1:] for name in (p.teacher.output, p.teacher.residual_skip)}
+        t_run.release([name for name in (t.output, t.residual_skip) if name not in later])
         if progress:
             progress("points", index + 1, len(pairs))
     out_name = s_graph.graph_outputs[0]
@@ -127,7 +136,7 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
     clock.lap("merge")
 
     check_model(merged)
-    verify_rows = rows.held if len(rows.held) else rows.fit
+    verify_rows = rows.held if len(held_index) else rows.fit
     held = {k: v[verify_rows] for k, v in samples.arrays.items()}
     report.exactness = exactness(merged, _explicit_reference(student, fits),
                                  {k: v[:config.verify_samples] for k, v in held.items()},
@@ -221,8 +230,27 @@ def fit_order(graph: GraphIndex) -> dict[str, int]:
     return order
 
 
+def _teacher_prefetch(upcoming: list[PointPair], runner: SegmentRunner, graph: GraphIndex, count: int,
+                      with_skips: bool, budget: int = PREFETCH_BYTES) -> list[str]:
+    """Teacher tensors of the next points that fit in the budget: the teacher needs no cut per point
+    (nothing is corrected in it), so it runs in a few long segments instead of one per point."""
+    names: list[str] = []
+    for pair in upcoming:
+        for name in filter(None, (pair.teacher.output, pair.teacher.residual_skip if with_skips else None)):
+            shape = graph.shapes.get(name)
+            if name in runner.cache or name in names:
+                continue
+            if shape is None or None in shape[1:]:
+                return names
+            budget -= 4 * count * int(np.prod(shape[1:]))
+            if budget < 0:
+                return names
+            names.append(name)
+    return names
+
+
 def _kept_channels(pair: PointPair, mapper: ChannelMapper, y: np.ndarray, teacher_y: np.ndarray,
-                   fit_rows: np.ndarray) -> tuple[np.ndarray, str]:
+                   fit_rows: slice) -> tuple[np.ndarray, str]:
     s, t = pair.student, pair.teacher
     if pair.kept is not None:
         return _checked_kept(pair.kept, pair), pair.source

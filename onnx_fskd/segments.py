@@ -34,6 +34,7 @@ class SegmentRunner:
         inferred = onnx.shape_inference.infer_shapes(weightless_copy(model)).graph
         self.extractor.value_infos.update({v.name: v for v in inferred.value_info})
         self.cache: dict[str, np.ndarray] = {}
+        self.pinned: set[str] = set()
         self.done: set[str] = set()
         self.segments_run = 0
 
@@ -41,14 +42,21 @@ class SegmentRunner:
         self.cache = dict(feeds)
         self.done = set()
 
-    def compute(self, wanted: list[str]) -> dict[str, np.ndarray]:
-        """The wanted tensors over all samples, running only what has not run yet."""
-        missing = [name for name in dict.fromkeys(wanted) if name not in self.cache]
+    def compute(self, wanted: list[str], prefetch: list[str] = ()) -> dict[str, np.ndarray]:
+        """The wanted tensors over all samples, running only what has not run yet. ``prefetch`` tensors
+        come out of the same run and stay cached until released: fewer, longer segments."""
+        missing = [name for name in dict.fromkeys(list(wanted) + list(prefetch)) if name not in self.cache]
         if missing:
             self._run_segment(missing)
+        self.pinned |= set(prefetch)
         result = {name: self.cache[name] for name in wanted}
         self._evict()
         return result
+
+    def release(self, names: list[str]) -> None:
+        """Unpin prefetched tensors that will not be asked for after all."""
+        self.pinned -= set(names)
+        self._evict()
 
     def replace(self, name: str, value: np.ndarray) -> None:
         """Overwrite a cached tensor (a point's output after its Q) before its consumers run."""
@@ -91,7 +99,8 @@ class SegmentRunner:
         return [n for n in self.graph.nodes if n.name in chosen]
 
     def _still_needed(self, tensor: str) -> bool:
-        if tensor in self.graph.graph_outputs:
+        # Graph inputs stay: the caller holds the samples anyway, and any tensor can be recomputed from them.
+        if tensor in self.graph.graph_outputs or tensor in self.graph.graph_inputs or tensor in self.pinned:
             return True
         return any(c.name not in self.done for c in self.graph.consumers.get(tensor, []))
 

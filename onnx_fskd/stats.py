@@ -34,32 +34,35 @@ class GramStats:
         return GramStats(self.zz + other.zz, self.zt + other.zt, self.tt + other.tt, self.rows + other.rows)
 
     def add(self, y: np.ndarray, t: np.ndarray) -> None:
-        """Accumulate inputs y and targets t given as rows (rows, F) or as planes (n, F, L): a conv's
-        (N, C, H·W) output is used as it lies, without a transposing copy. F = B·k features, B·m targets."""
-        if y.ndim == 2:  # rows: one plane of all rows, viewed transposed (BLAS takes it as is)
+        """Accumulate inputs y and targets t given as rows (rows, F) or as planes (n, F, L) — a conv's
+        (N, C, H·W) output as it lies. F = B·k features and B·m targets."""
+        if y.ndim == 2:
             y, t = y.T[None], t.T[None]
         per_plane = max(1, _CHUNK_ELEMENTS // max(1, y.shape[1] * y.shape[2]))
         for start in range(0, len(y), per_plane):
-            self._add_planes(y[start:start + per_plane].astype(np.float64), t[start:start + per_plane].astype(np.float64))
+            self._add_chunk(_features_by_rows(y[start:start + per_plane]), _features_by_rows(t[start:start + per_plane]))
 
-    def _add_planes(self, y: np.ndarray, t: np.ndarray) -> None:
+    def _add_chunk(self, y: np.ndarray, t: np.ndarray) -> None:
+        """y (F, rows) and t (T, rows) in float64; one large product per block."""
         blocks, k1, m = self.zt.shape
         k = k1 - 1
-        n, _, length = y.shape
-        yb, tb = y.reshape(n, blocks, k, length), t.reshape(n, blocks, m, length)
-        if k == 1 and m == 1:  # depthwise: every block is a scalar regression
-            self.zz[:, 0, 0] += np.einsum("nbl,nbl->b", yb[:, :, 0], yb[:, :, 0])
-            self.zt[:, 0, 0] += np.einsum("nbl,nbl->b", yb[:, :, 0], tb[:, :, 0])
+        yb, tb = y.reshape(blocks, k, -1), t.reshape(blocks, m, -1)
+        if blocks == 1:
+            self.zz[0, :k, :k] += y @ y.T  # numpy runs a·aᵀ as a symmetric rank-k update
+            self.zt[0, :k] += y @ t.T
+        elif k == 1 and m == 1:  # depthwise: every block is a scalar regression
+            self.zz[:, 0, 0] += np.einsum("br,br->b", yb[:, 0], yb[:, 0])
+            self.zt[:, 0, 0] += np.einsum("br,br->b", yb[:, 0], tb[:, 0])
         else:
-            self.zz[:, :k, :k] += np.matmul(yb, yb.transpose(0, 1, 3, 2)).sum(axis=0)
-            self.zt[:, :k] += np.matmul(yb, tb.transpose(0, 1, 3, 2)).sum(axis=0)
-        sums = yb.sum(axis=(0, 3))
+            self.zz[:, :k, :k] += np.matmul(yb, yb.transpose(0, 2, 1))
+            self.zt[:, :k] += np.matmul(yb, tb.transpose(0, 2, 1))
+        sums = yb.sum(axis=2)
         self.zz[:, :k, k] += sums
         self.zz[:, k, :k] += sums
-        self.zz[:, k, k] += n * length
-        self.zt[:, k] += tb.sum(axis=(0, 3))
-        self.tt += float(np.einsum("i,i->", t.ravel(), t.ravel()))
-        self.rows += n * length
+        self.zz[:, k, k] += y.shape[1]
+        self.zt[:, k] += tb.sum(axis=2)
+        self.tt += float(np.einsum("ij,ij->", t, t))
+        self.rows += y.shape[1]
 
     def squared_error(self, p: np.ndarray) -> float:
         """Σ‖t − [y 1]·P‖² over the accumulated rows, from the sums alone; P is (B, k+1, m)."""
@@ -68,6 +71,14 @@ class GramStats:
     def relative_error(self, p: np.ndarray) -> float:
         """‖t − [y 1]·P‖ / ‖t‖."""
         return float(np.sqrt(max(self.squared_error(p), 0.0) / self.tt)) if self.tt > 0 else 0.0
+
+
+def _features_by_rows(planes: np.ndarray) -> np.ndarray:
+    """(n, F, L) float32 → (F, n·L) float64, converted and laid out in a single copy."""
+    n, features, length = planes.shape
+    out = np.empty((features, n, length))
+    out[...] = planes.transpose(1, 0, 2)
+    return out.reshape(features, n * length)
 
 
 def as_rows(tensor: np.ndarray, channel_axis: int) -> np.ndarray:

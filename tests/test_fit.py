@@ -195,3 +195,22 @@ def test_chains_of_mul_add_and_gemm_bn_are_fitted_through():
     assert [s.op_type for s in points["f1"].chain] == ["BatchNormalization"]
     assert {p.student for p in result.report.points if p.status == "kept"} >= {"c1", "c2", "f1"}
     assert result.report.exactness <= 1e-4
+
+
+def test_each_node_runs_once_per_network(monkeypatch):
+    """Sequential fitting costs one pass of each net: no node of teacher or student is run twice."""
+    import onnx_fskd.segments as segments
+
+    runs: list[str] = []
+    original = segments.SegmentRunner._nodes_for
+
+    def counting(self, targets):
+        nodes = original(self, targets)
+        runs.extend(f"{id(self)}:{node.name}" for node in nodes)
+        return nodes
+
+    monkeypatch.setattr(segments.SegmentRunner, "_nodes_for", counting)
+    teacher = resnet_net()
+    report = fit(teacher, perturbed(teacher, 0.3), Samples(random_inputs(teacher, 64))).report
+    assert len(report.points) == 7
+    assert len(runs) == len(set(runs)) == 2 * len(teacher.graph.node)
