@@ -106,9 +106,9 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
         kept, how = _kept_channels(pair, mapper, y, t_out[t.output], rows.fit)
         pair = PointPair(t, s, pair.source, kept)
         mapper.record(pair)
-        target = np.take(t_out[t.output], kept, axis=s.channel_axis)
+        target = _restrict(t_out[t.output], kept, s.channel_axis)
         if use_sum:
-            target = target + np.take(t_out[t.residual_skip], kept, axis=s.channel_axis) - s_out[s.residual_skip]
+            target = target + _restrict(t_out[t.residual_skip], kept, s.channel_axis) - s_out[s.residual_skip]
         kind = "sum" if use_sum else "plain"
         if want_input:
             point_fit = fit_weights(pair, s_graph, s_out[s.input], y, target, rows, settings, kind, how)
@@ -138,18 +138,19 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
     check_model(merged)
     verify_rows = rows.held if len(held_index) else rows.fit
     held = {k: v[verify_rows] for k, v in samples.arrays.items()}
-    report.exactness = exactness(merged, _explicit_reference(student, fits),
+    student_session, merged_session = (make_session(m, providers) for m in (student, merged))
+    report.exactness = exactness(merged_session, _explicit_reference(student, fits),
                                  {k: v[:config.verify_samples] for k, v in held.items()},
                                  providers, config.batch_size, fixed_batch)
     if report.exactness > EXACTNESS_TOLERANCE:
         raise FskdError(f"internal: merged model differs from the explicit-Q model by {report.exactness:.2e} "
                         f"(> {EXACTNESS_TOLERANCE}); nothing written")
     reference = teacher_outputs[verify_rows]
-    sessions = [make_session(m, providers) for m in (student, merged)]
-    before, after = (run_batched(sess, held, [out_name], config.batch_size, fixed_batch)[out_name] for sess in sessions)
+    before, after = (run_batched(session, held, [out_name], config.batch_size, fixed_batch)[out_name]
+                     for session in (student_session, merged_session))
     if config.mode == "sequential":
         report.consistency = relative_error(after, predicted_outputs[verify_rows])
-    report.provider = session_device(sessions[0])
+    report.provider = session_device(student_session)
     report.before = OutputMetrics(relative_error(before, reference), top1_agreement(before, reference))
     report.after = OutputMetrics(relative_error(after, reference), top1_agreement(after, reference))
     clock.lap("verify")
@@ -228,6 +229,13 @@ def fit_order(graph: GraphIndex) -> dict[str, int]:
                     heapq.heappush(ready, (depth[consumer.name], graph.position[consumer.name], consumer.name))
     graph._fit_order = order
     return order
+
+
+def _restrict(teacher_tensor: np.ndarray, kept: np.ndarray, axis: int) -> np.ndarray:
+    """The teacher's tensor on the student's kept channels (itself, uncopied, when all are kept in order)."""
+    if len(kept) == teacher_tensor.shape[axis] and np.array_equal(kept, np.arange(len(kept))):
+        return teacher_tensor
+    return np.take(teacher_tensor, kept, axis=axis)
 
 
 def _teacher_prefetch(upcoming: list[PointPair], runner: SegmentRunner, graph: GraphIndex, count: int,

@@ -53,7 +53,7 @@ def make_session(model: onnx.ModelProto, providers: list[str]) -> ort.InferenceS
     if "CUDAExecutionProvider" in providers:
         _preload_cuda_libraries()
     try:
-        if model.ByteSize() < _PROTOBUF_LIMIT:
+        if _weight_bytes(model) < _PROTOBUF_LIMIT // 2:
             session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         else:
             session = _session_from_files(model, options, providers)
@@ -62,6 +62,11 @@ def make_session(model: onnx.ModelProto, providers: list[str]) -> ort.InferenceS
     if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
         log.warning("CUDA provider could not start; running on CPU")
     return session
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    """The bulk of a model's size, without serialising it as ByteSize() would (it is asked per segment)."""
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
 
 
 def _session_from_files(model: onnx.ModelProto, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
@@ -90,6 +95,11 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], out
     padding the last batch. ``on_batch(done, total)`` reports progress in samples."""
     count = len(next(iter(feeds.values())))
     size = fixed_batch or batch_size
+    if count == size or (count < size and not fixed_batch):  # one batch: ORT's arrays are the result
+        values = session.run(outputs, feeds)
+        if on_batch:
+            on_batch(count, count)
+        return dict(zip(outputs, values))
     results: dict[str, np.ndarray] = {}
     for window in batches(count, size):
         chunk = {name: array[window] for name, array in feeds.items()}

@@ -47,7 +47,8 @@ class Adapter:
             out = grouped * self.blocks.astype(dtype)[None, :, :, :1]
         else:
             out = np.matmul(self.blocks.astype(dtype)[None], grouped)
-        out = out.reshape(planes.shape) + self.d.astype(dtype).reshape((1, -1) + (1,) * (planes.ndim - 2))
+        out = out.reshape(planes.shape)
+        out += self.d.astype(dtype).reshape((1, -1) + (1,) * (planes.ndim - 2))
         return np.ascontiguousarray(np.moveaxis(out, 1, channel_axis))
 
 
@@ -93,7 +94,8 @@ def _solve_spd(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     block, numpy's batched LU for many small ones; LU again if rounding broke definiteness."""
     if len(lhs) == 1:
         try:
-            return scipy.linalg.solve(lhs[0], rhs[0], assume_a="pos", check_finite=False)[None]
+            factor = scipy.linalg.cho_factor(lhs[0], check_finite=False)
+            return scipy.linalg.cho_solve(factor, rhs[0], check_finite=False)[None]
         except np.linalg.LinAlgError:
             pass
     return np.linalg.solve(lhs, rhs)

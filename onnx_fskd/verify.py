@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .errors import FskdError
 from .graph import GraphIndex
@@ -46,10 +47,10 @@ def check_model(model: onnx.ModelProto) -> None:
         raise FskdError(f"internal: the merged model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
-def exactness(merged: onnx.ModelProto, explicit: onnx.ModelProto, feeds: dict[str, np.ndarray],
+def exactness(merged: ort.InferenceSession, explicit: onnx.ModelProto, feeds: dict[str, np.ndarray],
               providers: list[str], batch_size: int, fixed_batch: int | None) -> float:
-    """Largest relative error over the outputs between the merged and the explicit-Q model."""
-    outputs = [o.name for o in merged.graph.output]
-    got = run_batched(make_session(merged, providers), feeds, outputs, batch_size, fixed_batch)
+    """Largest relative error over the outputs between the merged model (its session) and the explicit-Q model."""
+    outputs = [o.name for o in explicit.graph.output]
+    got = run_batched(merged, feeds, outputs, batch_size, fixed_batch)
     want = run_batched(make_session(explicit, providers), feeds, outputs, batch_size, fixed_batch)
     return max(relative_error(got[name], want[name]) for name in outputs)
