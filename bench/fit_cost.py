@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--provider", default="auto")
     parser.add_argument("--mode", default="sequential")
+    parser.add_argument("--points", default="auto")
     args = parser.parse_args()
     teacher = {"resnet18": resnet18, "mobilenet": mobilenet_v2ish}[args.net]()
     student = perturbed(teacher)
@@ -45,10 +46,10 @@ def main() -> None:
     feeds = {"input": np.random.default_rng(0).normal(size=(args.samples, 3, 224, 224)).astype(np.float32)}
     passes = forward_seconds(teacher, feeds, providers, args.batch) + forward_seconds(student, feeds, providers, args.batch)
     start = time.perf_counter()
-    result = fit(teacher, student, Samples(feeds), FitConfig(batch_size=args.batch, provider=args.provider, mode=args.mode))
+    result = fit(teacher, student, Samples(feeds), FitConfig(batch_size=args.batch, provider=args.provider, mode=args.mode, points=args.points))
     fit_time = time.perf_counter() - start
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.report.seconds.items())
-    print(f"| {args.net} | {args.samples} | {result.report.provider} | {len(result.report.points)} | {passes:.1f} s "
+    print(f"| {args.net} | {args.points} | {args.batch} | {args.samples} | {result.report.provider} | {len(result.report.points)} | {passes:.1f} s "
           f"| {fit_time:.1f} s | **{fit_time / passes:.2f}** | {stages} |")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
 
