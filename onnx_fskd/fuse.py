@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphIndex
+from .graph import GraphIndex, fresh_name
 from .points import AffineStep, CorrectionPoint
 from .solve import Adapter
 
@@ -86,6 +86,7 @@ class ModelWriter:
         self.model = model
         self.graph = GraphIndex(model)
         self.uses = {name: len(self.graph.consumers.get(name, [])) for name in self.graph.initializers}
+        self.taken = set(self.graph.initializers) | set(self.graph.producer) | set(self.graph.graph_inputs)
 
     def set_input(self, node: onnx.NodeProto, slot: int, value: np.ndarray, like_dtype: np.dtype) -> None:
         """Write ``value`` as the node's input ``slot``; a shared or missing initializer gets a new one."""
@@ -95,7 +96,7 @@ class ModelWriter:
             tensor = self.graph.initializers[current]
             tensor.CopyFrom(numpy_helper.from_array(value, current))
             return
-        name = self._fresh_name(f"{node.name}/fskd_{'bias' if slot >= 2 else 'param'}{slot}")
+        name = fresh_name(f"{node.name}/fskd_{'bias' if slot >= 2 else 'param'}{slot}", self.taken)
         self.model.graph.initializer.append(numpy_helper.from_array(value, name))
         self.graph.initializers[name] = self.model.graph.initializer[-1]
         self.uses[name] = 1
@@ -104,12 +105,6 @@ class ModelWriter:
         while len(node.input) <= slot:
             node.input.append("")
         node.input[slot] = name
-
-    def _fresh_name(self, base: str) -> str:
-        name, suffix = base, 1
-        while name in self.graph.initializers or name in self.graph.producer:
-            name, suffix = f"{base}_{suffix}", suffix + 1
-        return name
 
 
 @dataclass(frozen=True, eq=False)

@@ -61,3 +61,12 @@ class GraphIndex:
             stack.extend(i for i in node.input if i)
         return seen
 
+
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``… — the first not in ``taken``, which it then joins."""
+    candidate, suffix = base, 1
+    while candidate in taken:
+        suffix += 1
+        candidate = f"{base}_{suffix}"
+    taken.add(candidate)
+    return candidate

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import FskdError, UsageError
-from ..graph import GraphIndex
+from ..graph import GraphIndex, fresh_name
 from ..normalize import normalise
 from ..ops.base import attribute
 from ..pairing import MapEntry
@@ -287,17 +287,8 @@ class _Namer:
         self.nodes = {n.name for n in graph.nodes}
         self.tensors = set(graph.initializers) | {o for n in graph.nodes for o in n.output} | set(graph.graph_inputs)
 
-    @staticmethod
-    def _fresh(name: str, taken: set[str]) -> str:
-        candidate, suffix = name, 1
-        while candidate in taken:
-            suffix += 1
-            candidate = f"{name}_{suffix}"
-        taken.add(candidate)
-        return candidate
-
     def node(self, name: str) -> str:
-        return self._fresh(name, self.nodes)
+        return fresh_name(name, self.nodes)
 
     def tensor(self, name: str) -> str:
-        return self._fresh(name, self.tensors)
+        return fresh_name(name, self.tensors)

@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import FskdError
-from ..graph import GraphIndex
+from ..graph import GraphIndex, fresh_name
 from .groups import Group
 
 
@@ -55,7 +55,7 @@ def apply(model: onnx.ModelProto, removals: Removals) -> None:
             tensor.CopyFrom(numpy_helper.from_array(_cut(value, cuts[0][2], name), name))
             continue
         for node, index, axes in cuts:
-            private = _unique(f"{name}.{node.name}", taken)
+            private = fresh_name(f"{name}.{node.name}", taken)
             model.graph.initializer.append(numpy_helper.from_array(_cut(value, axes, name), private))
             node.input[index] = private
         if len(cuts) == len(uses[name]):
@@ -77,15 +77,6 @@ def _cut(value: np.ndarray, axes: dict[int, set[int]], name: str) -> np.ndarray:
             raise FskdError(f"internal: every channel of '{name}' on axis {axis} would be removed")
         value = np.take(value, keep, axis=axis)
     return np.ascontiguousarray(value)
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, suffix = name, 1
-    while candidate in taken:
-        suffix += 1
-        candidate = f"{name}.{suffix}"
-    taken.add(candidate)
-    return candidate
 
 
 def _refresh_declared_shapes(model: onnx.ModelProto) -> None:
