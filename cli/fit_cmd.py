@@ -156,4 +156,6 @@ def _print_report(report: FitReport, output_path: Path) -> None:
     consistency = "" if report.consistency is None else f", consistency {report.consistency:.1e}"
     console.print(f"merge exactness {report.exactness:.1e}{consistency}; time "
                   + ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
+    for warning in report.warnings:
+        Console(stderr=True).print(f"warning: {warning}", markup=False, highlight=False)
     console.print(f"wrote {output_path}")

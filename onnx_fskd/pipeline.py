@@ -153,6 +153,12 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
     report.provider = session_device(student_session)
     report.before = OutputMetrics(relative_error(before, reference), top1_agreement(before, reference))
     report.after = OutputMetrics(relative_error(after, reference), top1_agreement(after, reference))
+    if report.after.relative_error > report.before.relative_error:
+        report.warnings.append(
+            f"the recovered model is further from the teacher than the student on held-out samples "
+            f"(relative error {report.before.relative_error:.4g} → {report.after.relative_error:.4g})"
+            + ("; parallel mode fits each point on uncorrected inputs, try --mode sequential"
+               if config.mode == "parallel" else ""))
     clock.lap("verify")
     report.seconds = clock.laps
     return FitResult(merged, report, {p.name: f.adapter for p, f in fits if f.adapter is not None})

@@ -48,6 +48,7 @@ class FitReport:
     exactness: float = 0.0    # max relative error: merged model vs. model with explicit Q nodes
     consistency: float | None = None  # sequential: merged model vs. the corrected activations the fit used
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def rejected(self) -> list[str]:

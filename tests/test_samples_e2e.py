@@ -42,3 +42,13 @@ def test_pruned_mnist_student_recovers(net, solver):
     assert acc_student < acc_teacher - 0.3  # the student really is broken
     assert acc_fit >= acc_teacher - TOLERANCE[net, solver], (acc_teacher, acc_student, acc_fit)
     assert result.report.exactness <= 1e-4
+
+
+def test_parallel_mode_warns_when_it_makes_the_student_worse():
+    teacher = onnx.load(SAMPLES / "vgg_teacher.onnx")
+    student = onnx.load(SAMPLES / "vgg_student.onnx")
+    calib = load_samples(SAMPLES / "calib.npz", input_specs(student))
+    report = fit(teacher, student, calib, FitConfig(mode="parallel")).report
+    assert report.after.relative_error > report.before.relative_error
+    assert len(report.warnings) == 1 and "--mode sequential" in report.warnings[0]
+    assert fit(teacher, student, calib).report.warnings == []
