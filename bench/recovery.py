@@ -284,7 +284,7 @@ def markdown(res: dict, png: str = "bench/recovery.png") -> str:
         f"- Total run time of the benchmark: {res['total_s'] / 60:.1f} min. The machine was shared with other "
         f"jobs (load average {res['load_before'][0]:.1f} at the start, {res['load_after'][0]:.1f} at the end, on "
         f"{res['cores']} cores), so times are noisy; the CPU-time column counts all threads of the process.",
-        f"- FSKD: `onnx_fskd.pipeline.fit` with default settings (ridge 1e-3, 20 % hold-out guard), "
+        "- FSKD: `onnx_fskd.pipeline.fit` with default settings (ridge 1e-3, 20 % hold-out guard), "
         "`mode` × `solver` as in the method column. Wall time is the whole `fit` call (analyse, run, solve, "
         "merge, verify).",
         f"- Few-shot SGD distillation: Adam (lr {res['sgd_lr']:g}, {res['sgd_steps']} steps, batch ≤ 64) on all "
@@ -533,8 +533,8 @@ def reading(res: dict) -> str:
     fskd_t = [r["wall_s"] for r in rows if r["method"] == "fskd-sequential-q"]
     full_t = [r["wall_s"] for r in rows if r["method"] == "fskd-sequential-full"]
     sgd_t = [r["wall_s"] for r in rows if r["method"] == "sgd-distill"]
-    out.append(f"- FSKD against few-shot SGD distillation on the same samples, students where sequential FSKD "
-               f"(better of q and full) is at least as accurate: " + "; ".join(per_n)
+    out.append("- FSKD against few-shot SGD distillation on the same samples, students where sequential FSKD "
+               "(better of q and full) is at least as accurate: " + "; ".join(per_n)
                + f" ({wins_all} of {total_all} in all). Median wall time: FSKD q {np.median(fskd_t):.1f} s, "
                f"full {np.median(full_t):.1f} s, SGD ({res['sgd_steps']} Adam steps) {np.median(sgd_t):.1f} s, "
                f"i.e. SGD is {np.median(sgd_t) / np.median(fskd_t):.0f}× slower than FSKD q.")

@@ -407,7 +407,6 @@ def check_export(model, path, x_test, y_test):
 
 # --------------------------------------------------------------------------
 def main():
-    import onnx
 
     t_start = time.time()
     torch.set_num_threads(2)

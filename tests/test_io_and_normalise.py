@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import onnx_fskd.model_io as model_io
 from builders import prune_by_slicing, random_inputs, vgg_net

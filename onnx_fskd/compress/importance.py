@@ -56,7 +56,7 @@ def global_counts(groups: list[Group], scores: list[np.ndarray], ratio: float, r
     """One threshold over importances normalised by each group's mean: the least important channels of
     the whole model go first, each group keeping at least one channel (one multiple of ``round_to``)."""
     entries = []
-    for index, (group, score) in enumerate(zip(groups, scores)):
+    for index, score in enumerate(scores):
         mean = float(np.mean(score))
         normalised = score / mean if mean > 0 else np.ones_like(score)
         entries.extend((value, index) for value in normalised)
