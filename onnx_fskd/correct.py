@@ -9,6 +9,7 @@ Two solvers share the same statistics machinery:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,14 +35,18 @@ class FitSettings:
     batch_size: int
 
 
+Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
 @dataclass(eq=False)
 class PointFit:
     """The outcome at one point: the weights to merge (None if rejected), the explicit adapter when the
-    Q solver was used, and the point's corrected output for the next points (None if unchanged)."""
+    Q solver was used, and ``correct(allocate)``, which computes the point's corrected output for the
+    next points (sequential mode only; the caller drops it afterwards, with the activations it holds)."""
 
     update: WeightUpdate | None
     adapter: Adapter | None
-    corrected: np.ndarray | None
+    correct: Callable[[Allocate], np.ndarray] | None
     report: PointReport
 
 
@@ -90,7 +95,8 @@ def fit_adapter(pair: PointPair, graph: GraphIndex, y: np.ndarray, target: np.nd
     if not kept:
         return PointFit(None, None, None, report)
     final = mergeable(solve_adapter(stats[0] + stats[1], settings.ridge, fit_bias), s)
-    return PointFit(adapter_update(s, graph, final), final, final.apply(y, axis), report)
+    return PointFit(adapter_update(s, graph, final), final,
+                    lambda allocate: final.apply(y, axis, allocate(y.shape, y.dtype)), report)
 
 
 def fit_weights(pair: PointPair, graph: GraphIndex, x: np.ndarray, y: np.ndarray, target: np.ndarray,
@@ -126,13 +132,17 @@ def fit_weights(pair: PointPair, graph: GraphIndex, x: np.ndarray, y: np.ndarray
     if not kept:
         return PointFit(None, None, None, report)
     final = solve_weights(stats[0] + stats[1], current, settings.ridge, slot is not None)
-    corrected = np.empty_like(y)
-    moved = np.moveaxis(corrected, axis, -1)  # a view: filling it fills ``corrected``
-    for start in range(0, len(y), chunk):
-        window = slice(start, start + chunk)
-        patches = point_features(s, graph, x[window])
-        predicted = patches @ final[:-1].astype(np.float32) + final[-1].astype(np.float32)
-        moved[window] = predicted.reshape(moved[window].shape)
     new_weight = (final[:-1] / scale_after[None, :]).T.reshape(weight.shape)
     new_shift = (final[-1] - offset) / scale_after if slot else None
-    return PointFit(WeightUpdate(new_weight, new_shift), None, corrected, report)
+
+    def correct(allocate: Allocate) -> np.ndarray:
+        corrected = allocate(y.shape, y.dtype)
+        moved = np.moveaxis(corrected, axis, -1)  # a view: filling it fills ``corrected``
+        for start in range(0, len(y), chunk):
+            window = slice(start, start + chunk)
+            patches = point_features(s, graph, x[window])
+            predicted = patches @ final[:-1].astype(np.float32) + final[-1].astype(np.float32)
+            moved[window] = predicted.reshape(moved[window].shape)
+        return corrected
+
+    return PointFit(WeightUpdate(new_weight, new_shift), None, correct, report)

@@ -107,8 +107,11 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
         pair = PointPair(t, s, pair.source, kept)
         mapper.record(pair)
         target = _restrict(t_out[t.output], kept, s.channel_axis)
-        if use_sum:
-            target = target + _restrict(t_out[t.residual_skip], kept, s.channel_axis) - s_out[s.residual_skip]
+        if use_sum:  # teacher sum − student skip, built in a recycled buffer
+            summed = s_run.buffers.empty(target.shape, target.dtype)
+            np.add(target, _restrict(t_out[t.residual_skip], kept, s.channel_axis), out=summed)
+            target = np.subtract(summed, s_out[s.residual_skip], out=summed)
+            del summed
         kind = "sum" if use_sum else "plain"
         if want_input:
             point_fit = fit_weights(pair, s_graph, s_out[s.input], y, target, rows, settings, kind, how)
@@ -118,7 +121,11 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
         if point_fit.update is not None:
             fits.append((s, point_fit))
             if config.mode == "sequential":
-                s_run.replace(s.output, point_fit.corrected)
+                s_run.replace(s.output, point_fit.correct(s_run.buffers.empty))
+        point_fit.correct = None  # it holds this point's activations
+        if use_sum:
+            s_run.buffers.retire(target)
+        del s_out, t_out, y, target  # let the runners recycle them
         fitted_outputs.add(s.output)
         later = {name for p in pairs[index + 1:] for name in (p.teacher.output, p.teacher.residual_skip)}
         t_run.release([name for name in (t.output, t.residual_skip) if name not in later])

@@ -90,9 +90,11 @@ def batches(count: int, batch_size: int) -> Iterator[slice]:
 
 def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str],
                 batch_size: int, fixed_batch: int | None = None,
-                on_batch: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+                on_batch: Callable[[int, int], None] | None = None,
+                allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty) -> dict[str, np.ndarray]:
     """Run over all samples in batches into preallocated arrays; a fixed batch dimension is honoured by
-    padding the last batch. ``on_batch(done, total)`` reports progress in samples."""
+    padding the last batch. ``on_batch(done, total)`` reports progress in samples; ``allocate`` makes the
+    result arrays (a BufferPool's recycled memory, say)."""
     count = len(next(iter(feeds.values())))
     size = fixed_batch or batch_size
     if count == size or (count < size and not fixed_batch):  # one batch: ORT's arrays are the result
@@ -108,7 +110,7 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], out
             chunk = {name: _pad_rows(array, fixed_batch) for name, array in chunk.items()}
         for name, value in zip(outputs, session.run(outputs, chunk)):
             if name not in results:
-                results[name] = np.empty((count,) + value.shape[1:], dtype=value.dtype)
+                results[name] = allocate((count,) + value.shape[1:], value.dtype)
             results[name][window] = value[:real]
         if on_batch:
             on_batch(window.stop, count)

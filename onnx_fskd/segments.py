@@ -13,6 +13,7 @@ import onnx
 from onnx.utils import Extractor
 
 from .errors import FskdError
+from .buffers import BufferPool
 from .graph import GraphIndex
 from .runtime import make_session, run_batched
 from .shapes import weightless_copy
@@ -34,6 +35,7 @@ class SegmentRunner:
         inferred = onnx.shape_inference.infer_shapes(weightless_copy(model)).graph
         self.extractor.value_infos.update({v.name: v for v in inferred.value_info})
         self.cache: dict[str, np.ndarray] = {}
+        self.buffers = BufferPool()
         self.pinned: set[str] = set()
         self.done: set[str] = set()
         self.segments_run = 0
@@ -60,6 +62,7 @@ class SegmentRunner:
 
     def replace(self, name: str, value: np.ndarray) -> None:
         """Overwrite a cached tensor (a point's output after its Q) before its consumers run."""
+        self.buffers.retire(self.cache[name])
         self.cache[name] = value
 
     def _run_segment(self, missing: list[str]) -> None:
@@ -80,7 +83,8 @@ class SegmentRunner:
         segment.ir_version = self.ir_version
         session = make_session(segment, self.providers)
         feeds = {name: self.cache[name] for name in inputs}
-        self.cache.update(run_batched(session, feeds, outputs, self.batch_size, self.fixed_batch, self.on_batch))
+        self.cache.update(run_batched(session, feeds, outputs, self.batch_size, self.fixed_batch, self.on_batch,
+                                      allocate=self.buffers.empty))
         self.segments_run += 1
 
     def _nodes_for(self, targets: list[str]) -> list[onnx.NodeProto]:
@@ -106,4 +110,4 @@ class SegmentRunner:
 
     def _evict(self) -> None:
         for name in [n for n in self.cache if not self._still_needed(n)]:
-            del self.cache[name]
+            self.buffers.retire(self.cache.pop(name))

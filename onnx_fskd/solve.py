@@ -37,19 +37,23 @@ class Adapter:
         count, size, _ = self.blocks.shape
         return np.concatenate([self.blocks.transpose(0, 2, 1), self.d.reshape(count, 1, size)], axis=1)
 
-    def apply(self, tensor: np.ndarray, channel_axis: int) -> np.ndarray:
-        """Q·y + d along the channel axis; channels-first tensors are multiplied in place of their layout."""
+    def apply(self, tensor: np.ndarray, channel_axis: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Q·y + d along the channel axis, into ``out`` if given; channels-first tensors are multiplied
+        in their own layout."""
         count, size, _ = self.blocks.shape
         planes = np.moveaxis(tensor, channel_axis, 1)
         grouped = planes.reshape(planes.shape[0], count, size, -1)          # (N, B, g, L)
         dtype = tensor.dtype
+        result = np.empty_like(tensor) if out is None else out
+        target = np.moveaxis(result, channel_axis, 1).reshape(grouped.shape)  # a view when channels come first
         if size == 1:
-            out = grouped * self.blocks.astype(dtype)[None, :, :, :1]
+            np.multiply(grouped, self.blocks.astype(dtype)[None, :, :, :1], out=target)
         else:
-            out = np.matmul(self.blocks.astype(dtype)[None], grouped)
-        out = out.reshape(planes.shape)
-        out += self.d.astype(dtype).reshape((1, -1) + (1,) * (planes.ndim - 2))
-        return np.ascontiguousarray(np.moveaxis(out, 1, channel_axis))
+            np.matmul(self.blocks.astype(dtype)[None], grouped, out=target)
+        target += self.d.astype(dtype).reshape(1, count, size, 1)
+        if not np.shares_memory(target, result):  # channels-last tensors went through a copy
+            np.moveaxis(result, channel_axis, 1)[...] = target.reshape(planes.shape)
+        return result
 
 
 def solve_adapter(stats: GramStats, ridge: float, fit_bias: bool = True) -> Adapter:
