@@ -62,24 +62,6 @@ def _keep(conv: nn.Conv2d, bn: nn.BatchNorm2d, ratio: float, criterion: str) -> 
     raise ValueError(f"unknown pruning criterion {criterion!r}")
 
 
-def slice_vgg(model: ms.VggNet, keeps: list[torch.Tensor], keep_fc: torch.Tensor) -> ms.VggNet:
-    """The slicing of ``make_samples.prune_vgg`` with the kept filters given."""
-    convs = [model.conv1, model.conv2, model.conv3, model.conv4]
-    bns = [model.bn1, model.bn2, model.bn3, model.bn4]
-    new = ms.VggNet(widths=tuple(len(k) for k in keeps), hidden=len(keep_fc))
-    prev = torch.arange(convs[0].in_channels)
-    for i, (c, b, k) in enumerate(zip(convs, bns, keeps)):
-        getattr(new, f"conv{i + 1}").weight.data = c.weight.data[k][:, prev].clone()
-        setattr(new, f"bn{i + 1}", ms._slice_bn(b, k))
-        prev = k
-    cols = (prev[:, None] * 49 + torch.arange(49)[None, :]).reshape(-1)
-    new.fc1.weight.data = model.fc1.weight.data[keep_fc][:, cols].clone()
-    new.fc1.bias.data = model.fc1.bias.data[keep_fc].clone()
-    new.fc2.weight.data = model.fc2.weight.data[:, keep_fc].clone()
-    new.fc2.bias.data = model.fc2.bias.data.clone()
-    return new.eval()
-
-
 def prune_vgg(model: ms.VggNet, ratio: float, criterion: str) -> Student:
     """Prune ``ratio`` of every conv's filters (ranked by ``criterion``) and of fc1's units. fc1 has no
     BatchNorm after it, so its units are always ranked by L1 norm."""
@@ -87,40 +69,17 @@ def prune_vgg(model: ms.VggNet, ratio: float, criterion: str) -> Student:
     bns = [model.bn1, model.bn2, model.bn3, model.bn4]
     keeps = [_keep(c, b, ratio, criterion) for c, b in zip(convs, bns)]
     keep_fc = ms.l1_keep(model.fc1.weight, ratio)
-    student = slice_vgg(model, keeps, keep_fc)
-    if criterion == "l1":  # same weights as the samples' own pruning
-        ref = ms.prune_vgg(model, ratio).state_dict()
-        assert all(torch.equal(v, ref[k]) for k, v in student.state_dict().items())
+    student = ms.slice_vgg(model, keeps, keep_fc)
     kept = {f"bn{i + 1}": k for i, k in enumerate(keeps)}
     kept.update(fc1=keep_fc, fc2=None)
     return Student(f"{criterion}-{round(ratio * 100)}", student, kept)
-
-
-def slice_resnet(model: ms.ResNet, keeps: list[torch.Tensor]) -> ms.ResNet:
-    """The slicing of ``make_samples.prune_resnet`` (block-internal channels) with the kept filters given."""
-    blocks = [model.layer1, model.layer2, model.layer3]
-    new = ms.ResNet(mids=tuple(len(k) for k in keeps))
-    sd = {k: v for k, v in model.state_dict().items()
-          if not any(k.startswith(f"layer{i}.conv1") or k.startswith(f"layer{i}.bn1")
-                     or k.startswith(f"layer{i}.conv2") for i in (1, 2, 3))}
-    _, unexpected = new.load_state_dict(sd, strict=False)
-    assert not unexpected, unexpected
-    for i, (b, k) in enumerate(zip(blocks, keeps)):
-        nb = getattr(new, f"layer{i + 1}")
-        nb.conv1.weight.data = b.conv1.weight.data[k].clone()
-        nb.bn1 = ms._slice_bn(b.bn1, k)
-        nb.conv2.weight.data = b.conv2.weight.data[:, k].clone()
-    return new.eval()
 
 
 def prune_resnet(model: ms.ResNet, ratio: float, criterion: str) -> Student:
     """Prune ``ratio`` of the first conv of every basic block (residual-coupled channels stay)."""
     blocks = [model.layer1, model.layer2, model.layer3]
     keeps = [_keep(b.conv1, b.bn1, ratio, criterion) for b in blocks]
-    student = slice_resnet(model, keeps)
-    if criterion == "l1":
-        ref = ms.prune_resnet(model, ratio).state_dict()
-        assert all(torch.equal(v, ref[k]) for k, v in student.state_dict().items())
+    student = ms.slice_resnet(model, keeps)
     kept: dict[str, torch.Tensor | None] = {"bn1": None, "layer2.down_bn": None, "fc": None}
     for i, k in enumerate(keeps):
         kept[f"layer{i + 1}.bn1"] = k

@@ -262,17 +262,12 @@ def _slice_bn(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
     return new
 
 
-def prune_vgg(model: VggNet, ratio: float = 0.6) -> VggNet:
-    """Remove ``ratio`` of the filters of every conv and of fc1 (the ones with
-    the smallest L1 norm, norms taken on the unpruned weights, the
-    "independent" strategy of Li et al.). Next layers' input channels / BN
-    params are sliced; fc1's input columns are sliced per kept conv4 channel
-    (49 positions each). fc2 keeps its 10 outputs. Returns a new model; no
-    fine-tuning."""
+def slice_vgg(model: VggNet, keeps: list[torch.Tensor], keep_fc: torch.Tensor) -> VggNet:
+    """Keep the given filters of each conv (``keeps``) and units of fc1 (``keep_fc``): next layers' input
+    channels / BN params are sliced; fc1's input columns are sliced per kept conv4 channel (49 positions
+    each). fc2 keeps its 10 outputs. Returns a new model; no fine-tuning."""
     convs = [model.conv1, model.conv2, model.conv3, model.conv4]
     bns = [model.bn1, model.bn2, model.bn3, model.bn4]
-    keeps = [l1_keep(c.weight, ratio) for c in convs]
-    keep_fc = l1_keep(model.fc1.weight, ratio)
     new = VggNet(widths=tuple(len(k) for k in keeps), hidden=len(keep_fc))
     prev = torch.arange(convs[0].in_channels)
     for i, (c, b, k) in enumerate(zip(convs, bns, keeps)):
@@ -287,18 +282,23 @@ def prune_vgg(model: VggNet, ratio: float = 0.6) -> VggNet:
     return new.eval()
 
 
-def prune_resnet(model: ResNet, ratio: float = 0.6) -> ResNet:
-    """Remove ``ratio`` of the filters (smallest L1 norm) of the first conv of
-    every basic block (conv1 + bn1), and slice conv2's input channels.
-    Residual-coupled channels (stem, block outputs, shortcuts) are kept
-    intact. Returns a new model; no fine-tuning."""
+def prune_vgg(model: VggNet, ratio: float = 0.6) -> VggNet:
+    """Remove ``ratio`` of the filters of every conv and of fc1 (the ones with the smallest L1 norm,
+    norms taken on the unpruned weights, the "independent" strategy of Li et al.)."""
+    convs = [model.conv1, model.conv2, model.conv3, model.conv4]
+    return slice_vgg(model, [l1_keep(c.weight, ratio) for c in convs], l1_keep(model.fc1.weight, ratio))
+
+
+def slice_resnet(model: ResNet, keeps: list[torch.Tensor]) -> ResNet:
+    """Keep the given filters of the first conv of every basic block (conv1 + bn1) and slice conv2's
+    input channels. Residual-coupled channels (stem, block outputs, shortcuts) stay intact. Returns a
+    new model; no fine-tuning."""
     blocks = [model.layer1, model.layer2, model.layer3]
-    keeps = [l1_keep(b.conv1.weight, ratio) for b in blocks]
     new = ResNet(mids=tuple(len(k) for k in keeps))
     sd = {k: v for k, v in model.state_dict().items()
           if not any(k.startswith(f"layer{i}.conv1") or k.startswith(f"layer{i}.bn1")
                      or k.startswith(f"layer{i}.conv2") for i in (1, 2, 3))}
-    missing, unexpected = new.load_state_dict(sd, strict=False)
+    _, unexpected = new.load_state_dict(sd, strict=False)
     assert not unexpected, unexpected
     for i, (b, k) in enumerate(zip(blocks, keeps)):
         nb = getattr(new, f"layer{i + 1}")
@@ -308,9 +308,11 @@ def prune_resnet(model: ResNet, ratio: float = 0.6) -> ResNet:
     return new.eval()
 
 
-# --------------------------------------------------------------------------
-# ONNX export
-# --------------------------------------------------------------------------
+def prune_resnet(model: ResNet, ratio: float = 0.6) -> ResNet:
+    """Remove ``ratio`` of the filters (smallest L1 norm) of the first conv of every basic block."""
+    return slice_resnet(model, [l1_keep(b.conv1.weight, ratio) for b in (model.layer1, model.layer2, model.layer3)])
+
+
 def _inline_identity_initializers(model):
     """The TorchScript exporter de-duplicates equal initializers and emits
     ``Identity`` nodes for them (e.g. BN running_var == weight). Replace those
