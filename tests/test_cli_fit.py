@@ -92,30 +92,22 @@ def test_different_inputs(files, tmp_path):
     assert_error(run(*fit_args(files, **{"--student": path})), 1, "different inputs", files["out"])
 
 
-def test_samples_wrong_shape(files, tmp_path):
-    data = tmp_path / "wrong.npy"
-    np.save(data, np.zeros((4, 3, 8, 8), np.float32))
-    assert_error(run(*fit_args(files, **{"--data": data})), 1, "expects shape", files["out"])
-
-
-def test_samples_wrong_dtype(files, tmp_path):
-    data = tmp_path / "strings.npy"
-    np.save(data, np.full((4, 3, 16, 16), "a"))
-    assert_error(run(*fit_args(files, **{"--data": data})), 1, "expects float32", files["out"])
-
-
-def test_samples_with_nan(files, tmp_path):
+def _with_nan() -> np.ndarray:
     values = random_inputs(vgg_net(), 8)["input"]
     values[3, 0, 0, 0] = np.nan
-    data = tmp_path / "nan.npy"
-    np.save(data, values)
-    assert_error(run(*fit_args(files, **{"--data": data})), 1, "NaN or Inf", files["out"])
+    return values
 
 
-def test_no_samples(files, tmp_path):
-    data = tmp_path / "empty.npy"
-    np.save(data, np.zeros((0, 3, 16, 16), np.float32))
-    assert_error(run(*fit_args(files, **{"--data": data})), 1, "no samples", files["out"])
+@pytest.mark.parametrize("make,message", [
+    (lambda: np.zeros((4, 3, 8, 8), np.float32), "expects shape"),
+    (lambda: np.full((4, 3, 16, 16), "a"), "expects float32"),
+    (_with_nan, "NaN or Inf"),
+    (lambda: np.zeros((0, 3, 16, 16), np.float32), "no samples"),
+], ids=["wrong-shape", "wrong-dtype", "nan", "empty"])
+def test_bad_samples(files, tmp_path, make, message):
+    data = tmp_path / "samples.npy"
+    np.save(data, make())
+    assert_error(run(*fit_args(files, **{"--data": data})), 1, message, files["out"])
 
 
 def test_no_correction_points(files, tmp_path):
