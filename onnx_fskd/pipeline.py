@@ -56,11 +56,59 @@ class FitResult:
     adapters: dict[str, Adapter] = field(default_factory=dict)
 
 
+@dataclass
+class _Plan:
+    """What the analysis decided: the normalised models, their indexes, and the pairs in fit order."""
+
+    teacher: onnx.ModelProto
+    student: onnx.ModelProto
+    t_graph: GraphIndex
+    s_graph: GraphIndex
+    pairs: list[PointPair]
+    skipped: list[tuple[str, str]]
+
+
+@dataclass
+class _Fitted:
+    """What the point loop produced: the merges to write, and the final outputs it saw on the way."""
+
+    fits: list[tuple[CorrectionPoint, PointFit]]
+    teacher_outputs: np.ndarray
+    predicted_outputs: np.ndarray  # the student's output with every correction applied (sequential)
+
+
 def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, config: FitConfig = FitConfig(),
         map_path: str | None = None, progress: Progress | None = None) -> FitResult:
-    """Fit and merge one Q per paired point so the student's outputs follow the teacher's."""
+    """Fit and merge one correction per paired point so the student's outputs follow the teacher's."""
     _check_config(config)
     clock = _Clock()
+    plan = _analyse(teacher, student, config, map_path)
+    clock.lap("analyse")
+    fit_index, held_index = split_holdout(len(samples), config.holdout, config.seed)
+    samples = samples.take(np.concatenate([fit_index, held_index]))  # fit rows first: chunks are views
+    rows = Rows(slice(0, len(fit_index)), slice(len(fit_index), len(samples)))
+    report = FitReport(provider="", mode=config.mode, points_option=config.points,
+                       residual_target=config.residual_target, solver=config.solver, samples_fit=len(fit_index),
+                       samples_heldout=len(held_index),
+                       skipped=[{"node": n, "reason": r} for n, r in plan.skipped])
+    providers = resolve_providers(config.provider)
+    fitted = _fit_points(plan, samples, rows, config, providers, report, progress)
+    clock.lap("fit")
+    merged = _copy(plan.student)
+    writer = ModelWriter(merged)
+    for point, point_fit in fitted.fits:
+        write_update(writer, point, point_fit.update)
+    clock.lap("merge")
+    verify_rows = rows.held if len(held_index) else rows.fit
+    _verify(plan.student, merged, fitted, {k: v[verify_rows] for k, v in samples.arrays.items()}, verify_rows,
+            config, providers, report)
+    clock.lap("verify")
+    report.seconds = clock.laps
+    return FitResult(merged, report, {p.name: f.adapter for p, f in fitted.fits if f.adapter is not None})
+
+
+def _analyse(teacher: onnx.ModelProto, student: onnx.ModelProto, config: FitConfig, map_path: str | None) -> _Plan:
+    """Normalise both models, find their points and pair them, in the order the points will be fitted."""
     teacher, student = normalise(teacher), normalise(student)
     check_compatible(teacher, student)
     t_graph, s_graph = GraphIndex(teacher), GraphIndex(student)
@@ -71,27 +119,26 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
     if not pairs:
         raise FskdError("no correction points: the student has no Conv/Gemm/MatMul with constant weights "
                         "that pairs with the teacher")
-    pairs.sort(key=lambda p: fit_order(s_graph)[s_graph.producer[p.student.output].name])
-    clock.lap("analyse")
+    order = fit_order(s_graph)
+    pairs.sort(key=lambda p: order[s_graph.producer[p.student.output].name])
+    return _Plan(teacher, student, t_graph, s_graph, pairs, s_points.skipped)
 
-    providers = resolve_providers(config.provider)
-    fixed_batch = input_specs(student)[0].batch_dim
-    fit_index, held_index = split_holdout(len(samples), config.holdout, config.seed)
-    samples = samples.take(np.concatenate([fit_index, held_index]))
-    rows = Rows(slice(0, len(fit_index)), slice(len(fit_index), len(samples)))
-    report = FitReport(provider="", mode=config.mode, points_option=config.points,
-                       residual_target=config.residual_target, solver=config.solver, samples_fit=len(fit_index),
-                       samples_heldout=len(held_index),
-                       skipped=[{"node": n, "reason": r} for n, r in s_points.skipped])
+
+def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, providers: list[str],
+                report: FitReport, progress: Progress | None) -> _Fitted:
+    """Front to back: run both nets up to the point, fit it, and (sequential) correct the student's
+    cached output before anything downstream runs."""
+    fixed_batch = input_specs(plan.student)[0].batch_dim
     on_batch = (lambda done, total: progress("samples", done, total)) if progress else None
     t_run, s_run = (SegmentRunner(m, g, providers, config.batch_size, fixed_batch, on_batch)
-                    for m, g in ((teacher, t_graph), (student, s_graph)))
+                    for m, g in ((plan.teacher, plan.t_graph), (plan.student, plan.s_graph)))
     for runner in (t_run, s_run):
         runner.start(samples.arrays)
     settings = FitSettings(config.ridge, config.batch_size)
-    mapper = ChannelMapper(t_graph, s_graph)
+    mapper = ChannelMapper(plan.t_graph, plan.s_graph)
     fits: list[tuple[CorrectionPoint, PointFit]] = []
     fitted_outputs: set[str] = set()
+    pairs = plan.pairs
     point_outputs = {p.student.output for p in pairs}
     for index, pair in enumerate(pairs):
         s, t = pair.student, pair.teacher
@@ -100,7 +147,7 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
         want_input = config.solver == "full"
         s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []) + ([s.input] if want_input else []))
         t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []),
-                              prefetch=_teacher_prefetch(pairs[index + 1:], t_run, t_graph, len(samples),
+                              prefetch=_teacher_prefetch(pairs[index + 1:], t_run, plan.t_graph, len(samples),
                                                          config.residual_target == "sum"))
         y = s_out[s.output]
         kept, how = _kept_channels(pair, mapper, y, t_out[t.output], rows.fit)
@@ -114,9 +161,9 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
             del summed
         kind = "sum" if use_sum else "plain"
         if want_input:
-            point_fit = fit_weights(pair, s_graph, s_out[s.input], y, target, rows, settings, kind, how)
+            point_fit = fit_weights(pair, plan.s_graph, s_out[s.input], y, target, rows, settings, kind, how)
         else:
-            point_fit = fit_adapter(pair, s_graph, y, target, rows, settings, kind, how)
+            point_fit = fit_adapter(pair, plan.s_graph, y, target, rows, settings, kind, how)
         report.points.append(point_fit.report)
         if point_fit.update is not None:
             fits.append((s, point_fit))
@@ -131,32 +178,29 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
         t_run.release([name for name in (t.output, t.residual_skip) if name not in later])
         if progress:
             progress("points", index + 1, len(pairs))
-    out_name = s_graph.graph_outputs[0]
-    teacher_outputs = t_run.compute([out_name])[out_name]
-    predicted_outputs = s_run.compute([out_name])[out_name]
-    clock.lap("fit")
+    out_name = plan.s_graph.graph_outputs[0]
+    return _Fitted(fits, t_run.compute([out_name])[out_name], s_run.compute([out_name])[out_name])
 
-    merged = _copy(student)
-    writer = ModelWriter(merged)
-    for point, point_fit in fits:
-        write_update(writer, point, point_fit.update)
-    clock.lap("merge")
 
+def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, fitted: _Fitted, held: dict[str, np.ndarray],
+            verify_rows: slice, config: FitConfig, providers: list[str], report: FitReport) -> None:
+    """Check the merge (checker, exactness against explicit Q nodes, consistency with the fit's own
+    activations) and measure the output against the teacher before and after, on held-out samples."""
     check_model(merged)
-    verify_rows = rows.held if len(held_index) else rows.fit
-    held = {k: v[verify_rows] for k, v in samples.arrays.items()}
+    fixed_batch = input_specs(student)[0].batch_dim
+    out_name = student.graph.output[0].name
     student_session, merged_session = (make_session(m, providers) for m in (student, merged))
-    report.exactness = exactness(merged_session, _explicit_reference(student, fits),
+    report.exactness = exactness(merged_session, _explicit_reference(student, fitted.fits),
                                  {k: v[:config.verify_samples] for k, v in held.items()},
                                  providers, config.batch_size, fixed_batch)
     if report.exactness > EXACTNESS_TOLERANCE:
         raise FskdError(f"internal: merged model differs from the explicit-Q model by {report.exactness:.2e} "
                         f"(> {EXACTNESS_TOLERANCE}); nothing written")
-    reference = teacher_outputs[verify_rows]
+    reference = fitted.teacher_outputs[verify_rows]
     before, after = (run_batched(session, held, [out_name], config.batch_size, fixed_batch)[out_name]
                      for session in (student_session, merged_session))
     if config.mode == "sequential":
-        report.consistency = relative_error(after, predicted_outputs[verify_rows])
+        report.consistency = relative_error(after, fitted.predicted_outputs[verify_rows])
     report.provider = session_device(student_session)
     report.before = OutputMetrics(relative_error(before, reference), top1_agreement(before, reference))
     report.after = OutputMetrics(relative_error(after, reference), top1_agreement(after, reference))
@@ -166,9 +210,6 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
             f"(relative error {report.before.relative_error:.4g} → {report.after.relative_error:.4g})"
             + ("; parallel mode fits each point on uncorrected inputs, try --mode sequential"
                if config.mode == "parallel" else ""))
-    clock.lap("verify")
-    report.seconds = clock.laps
-    return FitResult(merged, report, {p.name: f.adapter for p, f in fits if f.adapter is not None})
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -221,9 +262,6 @@ def fit_order(graph: GraphIndex) -> dict[str, int]:
     """A topological order that runs short side branches first (smallest longest-path-to-output), so a
     projection shortcut is fitted before the main branch it is added to, and the residual target of the
     main branch sees the corrected shortcut. graphsurgeon's toposort has no priorities, hence this."""
-    cached = getattr(graph, "_fit_order", None)
-    if cached is not None:
-        return cached
     depth: dict[str, int] = {}
     for node in reversed(graph.nodes):
         below = [depth[c.name] for out in node.output for c in graph.consumers.get(out, [])]
@@ -240,7 +278,6 @@ def fit_order(graph: GraphIndex) -> dict[str, int]:
                 waiting[consumer.name] -= 1
                 if waiting[consumer.name] == 0:
                     heapq.heappush(ready, (depth[consumer.name], graph.position[consumer.name], consumer.name))
-    graph._fit_order = order
     return order
 
 
