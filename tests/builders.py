@@ -122,6 +122,20 @@ def matmul_mlp(seed: int = 0) -> onnx.ModelProto:
     return b.model(x, (20,), 10, "mlp")
 
 
+def token_mlp(seed: int = 0) -> onnx.ModelProto:
+    """MatMul layers over a (N, tokens, features) input, as transformer MLP blocks are exported."""
+    b = NetBuilder(seed)
+    x = "input"
+    for i, (cin, cout) in enumerate([(12, 32), (32, 16)]):
+        w = b.rng.normal(0, np.sqrt(2.0 / cin), (cin, cout))
+        x = b.node("MatMul", f"t{i}", [x, b.const(f"t{i}.w", w)])
+        x = b.node("Add", f"t{i}.add", [x, b.const(f"t{i}.b", b.rng.normal(0, 0.1, cout))])
+        x = b.node("Relu", f"t{i}.relu", [x])
+    x = b.node("ReduceMean", "pool", [x], axes=[1], keepdims=0)
+    w = b.rng.normal(0, np.sqrt(1.0 / 16), (16, 10))
+    return b.model(b.node("MatMul", "head", [x, b.const("head.w", w)]), (6, 12), 10, "tokens")
+
+
 def prune_by_slicing(model: onnx.ModelProto, keep: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A channel-pruned student the way another tool would make it (no metadata): for each layer in
     ``keep`` slice its output channels (weights, bias, following BN) and the next layer's inputs.

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from builders import decomposed_bn_net, matmul_mlp, mobile_net, prune_by_slicing, random_inputs, resnet_net, vgg_net
+from builders import decomposed_bn_net, matmul_mlp, token_mlp, mobile_net, prune_by_slicing, random_inputs, resnet_net, vgg_net
 from onnx_fskd.data import Samples
 from onnx_fskd.errors import FskdError
 from onnx_fskd.metrics import relative_error
@@ -54,6 +54,7 @@ CASES = {
     "mobile-perturbed": (mobile_net, lambda t: perturbed(t, 0.3)),
     "mlp-pruned": (matmul_mlp, lambda t: slice_half(t, {"m0": 64, "m1": 64})),
     "decomposed-bn-perturbed": (decomposed_bn_net, lambda t: perturbed(t, 0.3)),
+    "token-mlp-perturbed": (token_mlp, lambda t: perturbed(t, 0.3)),
 }
 
 
