@@ -29,10 +29,8 @@ class BiasSlot:
 
 
 def chain_scale(point: CorrectionPoint) -> np.ndarray:
-    scale = np.ones(point.channels)
-    for step in point.chain:
-        scale = scale * step.scale
-    return scale
+    """The per-channel factor the whole chain applies to the op's output."""
+    return _fold(point.chain, point.channels)[0]
 
 
 def _fold(steps: tuple[AffineStep, ...], channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,11 +129,6 @@ def adapter_update(point: CorrectionPoint, graph: GraphIndex, adapter: Adapter) 
     live = _live(slot.scale_after)
     shift = np.where(live, (new_offset - slot.shift_after) / np.where(live, slot.scale_after, 1.0), slot.shift)
     return WeightUpdate(merged, shift)
-
-
-def merge_adapter(writer: ModelWriter, point: CorrectionPoint, adapter: Adapter) -> None:
-    """Rewrite the point's weight and bias so the op+chain computes Q·y + d."""
-    write_update(writer, point, adapter_update(point, writer.graph, adapter))
 
 
 def write_update(writer: ModelWriter, point: CorrectionPoint, update: WeightUpdate) -> None:

@@ -38,7 +38,6 @@ class SegmentRunner:
         self.buffers = BufferPool()
         self.pinned: set[str] = set()
         self.done: set[str] = set()
-        self.segments_run = 0
 
     def start(self, feeds: dict[str, np.ndarray]) -> None:
         self.cache = dict(feeds)
@@ -85,7 +84,6 @@ class SegmentRunner:
         feeds = {name: self.cache[name] for name in inputs}
         self.cache.update(run_batched(session, feeds, outputs, self.batch_size, self.fixed_batch, self.on_batch,
                                       allocate=self.buffers.empty))
-        self.segments_run += 1
 
     def _nodes_for(self, targets: list[str]) -> list[onnx.NodeProto]:
         """Not-yet-run nodes that the targets depend on, stopping at cached tensors, in graph order."""
