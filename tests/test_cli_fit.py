@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from builders import IR_VERSION, OPSET, NetBuilder, prune_by_slicing, random_inputs, vgg_net
-from cli.main import main
+from onnx_fskd.cli.main import main
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from cli.eval_cmd import eval_command
+from onnx_fskd.cli.eval_cmd import eval_command
 from onnx_fskd.data import Samples
 from onnx_fskd.errors import FskdError
 from onnx_fskd.evaluate import evaluate
