@@ -15,10 +15,14 @@ from onnx_fskd import __version__
 # name → (module, attribute, one-line help shown by `onnx-fskd --help` without importing the module;
 # tests/test_packaging.py checks each line against the command's own docstring).
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "fit": ("fit_cmd", "fit_command", "Fit one least-squares correction per point of the student so its outputs..."),
-    "eval": ("eval_cmd", "eval_command", "Evaluate MODEL.onnx on the --data samples: accuracy (with labels), agreement..."),
-    "prune": ("prune_cmd", "prune_command", "Remove --ratio of the output channels of MODEL.onnx's Conv/Gemm/MatMul..."),
-    "decompose": ("decompose_cmd", "decompose_command", "Replace each Conv (group=1), Gemm and MatMul of MODEL.onnx by a..."),
+    "fit": ("fit_cmd", "fit_command",
+            "Recover a compressed student of TEACHER.onnx from a few unlabeled samples."),
+    "eval": ("eval_cmd", "eval_command",
+             "Evaluate MODEL.onnx on the --data samples: accuracy (with labels), agreement..."),
+    "prune": ("prune_cmd", "prune_command",
+              "Remove --ratio of the output channels of MODEL.onnx's Conv/Gemm/MatMul layers..."),
+    "decompose": ("decompose_cmd", "decompose_command",
+                  "Replace each Conv (group=1), Gemm and MatMul of MODEL.onnx by a low-rank..."),
 }
 _ORT_MISSING = ("error: no ONNX Runtime found: install one build, "
                 "pip install \"onnx-fskd[cpu]\" (or \"onnx-fskd[gpu]\" for CUDA, see README)")

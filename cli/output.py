@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,14 +38,13 @@ def human_console(data_on_stdout: bool = False) -> Console:
     """The console for tables and notes: stdout, or stderr when stdout carries JSON; silent with -q."""
     ctx = click.get_current_context(silent=True)
     quiet = bool(ctx and ctx.meta.get("onnx_fskd.quiet"))
-    stream = click.get_text_stream("stderr" if data_on_stdout else "stdout")
-    return _console(stream, quiet)
+    return _console(sys.stderr if data_on_stdout else sys.stdout, quiet)
 
 
 def warning_console() -> Console:
     """stderr for warnings; -q keeps only errors, so it silences these too."""
     ctx = click.get_current_context(silent=True)
-    return _console(click.get_text_stream("stderr"), bool(ctx and ctx.meta.get("onnx_fskd.quiet")))
+    return _console(sys.stderr, bool(ctx and ctx.meta.get("onnx_fskd.quiet")))
 
 
 def _console(stream, quiet: bool) -> Console:

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from .costs import count_costs
 from .data import InputSpec, Samples, input_specs
 from .errors import FskdError
-from .metrics import accuracy, relative_error, top1_agreement
+from .metrics import METRICS, accuracy, choose_metric, compare, padding_mask, relative_error
 from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
 
 WARMUP_RUNS = 3
@@ -25,8 +25,12 @@ class EvalResult:
     """What ``onnx-fskd eval`` reports; ``to_json`` keys are a stable interface for scripts."""
 
     accuracy: float | None
-    agreement: float | None
-    relative_error: float | None
+    agreement: float | None        # top-1 agreement with the reference (metric "top1")
+    cosine: float | None           # mean cosine similarity with the reference (metric "cosine")
+    relative_error: float | None   # of ``output``; every output's is in ``outputs``
+    output: str                    # the output accuracy, agreement and cosine are measured on
+    metric: str                    # "top1" or "cosine"
+    outputs: dict[str, dict[str, float]]  # name → {"relative_error": ...} against the reference
     params: int
     macs: int  # per sample
     latency_ms: dict[str, float]
@@ -39,30 +43,47 @@ class EvalResult:
 
 def evaluate(model: onnx.ModelProto, samples: Samples, reference: onnx.ModelProto | None = None,
              providers: list[str] | None = None, batch_size: int = DEFAULT_BATCH,
-             latency_batch: int | None = None, repeats: int = DEFAULT_REPEATS) -> EvalResult:
+             latency_batch: int | None = None, repeats: int = DEFAULT_REPEATS, output: str | None = None,
+             metric: str = "auto") -> EvalResult:
     """Run ``model`` (and ``reference``) over all samples and measure it.
 
-    Accuracy needs labels, agreement and relative error need a reference (both compare first outputs);
-    with neither there is nothing to report, so that is an error.
+    Every output's relative error is measured against the reference; accuracy (with labels) and
+    agreement or cosine (``metric``, by default chosen from the output: see metrics.choose_metric) on
+    ``output``, the first by default. With neither labels nor a reference there is nothing to report.
     """
     if samples.labels is None and reference is None:
         raise FskdError("nothing to compare: samples carry no labels and no --reference given")
+    if metric not in METRICS:
+        raise FskdError(f"--metric must be one of {', '.join(METRICS)}, got {metric}")
+    names = [value.name for value in model.graph.output]
+    output = output or names[0]
+    if output not in names:
+        raise FskdError(f"--output {output}: the model has no such output (it has {', '.join(names)})")
     if reference is not None:
         _check_same_interface(model, reference)
+    metric = choose_metric(model, output, metric)
     providers = providers or resolve_providers("auto")
     session = make_session(model, providers)
     fixed_batch = _fixed_batch(input_specs(model))
-    output = _first_output(session, samples, batch_size, fixed_batch)
-    agreement = error = None
+    values = run_batched(session, samples.arrays, names, batch_size, fixed_batch)
+    mask = padding_mask(samples.arrays, values[output])
+    comparison, per_output = None, {}
     if reference is not None:
         ref_session = make_session(reference, providers)
-        expected = _first_output(ref_session, samples, batch_size, _fixed_batch(input_specs(reference)))
-        agreement, error = top1_agreement(output, expected), relative_error(output, expected)
+        expected = run_batched(ref_session, samples.arrays, names, batch_size, _fixed_batch(input_specs(reference)))
+        per_output = {name: {"relative_error": relative_error(values[name], expected[name],
+                                                              padding_mask(samples.arrays, values[name]))}
+                      for name in names}
+        comparison = compare(values[output], expected[output], metric, mask)
     cost = count_costs(model, batch=1)
     return EvalResult(
-        accuracy=None if samples.labels is None else accuracy(output, samples.labels),
-        agreement=agreement,
-        relative_error=error,
+        accuracy=None if samples.labels is None else accuracy(values[output], samples.labels, mask),
+        agreement=comparison and comparison.agreement,
+        cosine=comparison and comparison.cosine,
+        relative_error=comparison and comparison.relative_error,
+        output=output,
+        metric=metric,
+        outputs=per_output,
         params=cost.params,
         macs=cost.macs // (fixed_batch or 1),
         latency_ms=latencies(session, samples, fixed_batch, latency_batch or batch_size, repeats),
@@ -73,12 +94,6 @@ def evaluate(model: onnx.ModelProto, samples: Samples, reference: onnx.ModelProt
 
 def _fixed_batch(specs: list[InputSpec]) -> int | None:
     return specs[0].batch_dim if specs else None
-
-
-def _first_output(session: ort.InferenceSession, samples: Samples, batch_size: int,
-                  fixed_batch: int | None) -> np.ndarray:
-    name = session.get_outputs()[0].name
-    return run_batched(session, samples.arrays, [name], batch_size, fixed_batch)[name]
 
 
 def latencies(session: ort.InferenceSession, samples: Samples, fixed_batch: int | None, batch_size: int,

@@ -90,8 +90,8 @@ def test_json_has_exactly_the_documented_keys():
     weights, bias = _weights(1)
     samples, _ = _labelled_samples(weights, bias)
     report = evaluate(_gemm(weights, bias), samples, repeats=1).to_json()
-    assert set(report) == {"accuracy", "agreement", "relative_error", "params", "macs", "latency_ms",
-                           "samples", "provider"}
+    assert set(report) == {"accuracy", "agreement", "cosine", "relative_error", "output", "metric", "outputs",
+                           "params", "macs", "latency_ms", "samples", "provider"}
     json.dumps(report)
 
 
