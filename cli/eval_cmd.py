@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from onnx_fskd.data import input_specs, load_samples
-from onnx_fskd.evaluate import EvalResult, evaluate
+from onnx_fskd.evaluation import EvalResult, evaluate
 from onnx_fskd.metrics import METRICS
 from onnx_fskd.model_io import check_output_path, load_model
 from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES, resolve_providers

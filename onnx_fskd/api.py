@@ -22,7 +22,7 @@ from .compress.decompose import check_decompose_options
 from .compress.prune import check_prune_options
 from .data import DataSource, ImageOptions, input_specs, samples_from
 from .errors import FskdError, UsageError
-from .evaluate import evaluate as _evaluate
+from .evaluation import evaluate as _evaluate
 from .model_io import check_output_path, load_model, save_model_atomic
 from .provenance import drop_channel_map, run_record, stamp_producer
 from .runtime import DEFAULT_BATCH, resolve_providers

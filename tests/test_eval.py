@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_fskd.cli.eval_cmd import eval_command
 from onnx_fskd.data import Samples
 from onnx_fskd.errors import FskdError
-from onnx_fskd.evaluate import evaluate
+from onnx_fskd.evaluation import evaluate
 
 FEATURES, CLASSES, COUNT = 6, 4, 50
 RNG = np.random.default_rng(0)

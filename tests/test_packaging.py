@@ -4,6 +4,7 @@ loads no heavy module, and one line when no ONNX Runtime is installed."""
 from __future__ import annotations
 
 import importlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,7 +24,11 @@ def _python(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_wheel_holds_only_the_onnx_fskd_package(tmp_path):
-    built = _python("-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT))
+    source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "bench",
+                                                                "samples", "__pycache__"))
+    built = _python("-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(source))
     if built.returncode != 0 and "setuptools" in built.stderr:
         pytest.skip(f"cannot build a wheel here: {built.stderr.strip().splitlines()[-1]}")
     assert built.returncode == 0, built.stderr

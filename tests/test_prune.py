@@ -18,7 +18,7 @@ from onnx_fskd.compress import CompressResult, prune_model
 from onnx_fskd.costs import count_costs
 from onnx_fskd.data import Samples
 from onnx_fskd.errors import FskdError, UsageError
-from onnx_fskd.evaluate import evaluate
+from onnx_fskd.evaluation import evaluate
 from onnx_fskd.graph import GraphIndex
 from onnx_fskd.ops import linear_op_for
 from onnx_fskd.pairing import MAP_METADATA_KEY, read_map
