@@ -10,7 +10,7 @@ import importlib
 
 import click
 
-from onnx_fskd import __version__
+from onnx_fskd import NO_ONNXRUNTIME, __version__
 
 # name → (module, attribute, one-line help shown by `onnx-fskd --help` without importing the module;
 # tests/test_packaging.py checks each line against the command's own docstring).
@@ -24,8 +24,6 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "decompose": ("decompose_cmd", "decompose_command",
                   "Replace each Conv (group=1), Gemm and MatMul of MODEL.onnx by a low-rank..."),
 }
-_ORT_MISSING = ("error: no ONNX Runtime found: install one build, "
-                "pip install \"onnx-fskd[cpu]\" (or \"onnx-fskd[gpu]\" for CUDA, see README)")
 
 
 class LazyGroup(click.Group):
@@ -50,7 +48,7 @@ class LazyGroup(click.Group):
         except ModuleNotFoundError as exc:
             if exc.name != "onnxruntime":
                 raise
-            click.echo(_ORT_MISSING, err=True)
+            click.echo(f"error: {NO_ONNXRUNTIME}", err=True)
             raise click.exceptions.Exit(1) from None
 
 

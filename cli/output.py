@@ -3,11 +3,12 @@ pipes, JSON to a file or to stdout ('-'), and each library warning printed once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -28,8 +29,8 @@ def output_options(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, quiet: bool, verbose: bool, **kwargs):
         click.get_current_context().meta["onnx_fskd.quiet"] = quiet
-        _route_library_logs(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
-        return command(*args, **kwargs)
+        with _library_logs(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING):
+            return command(*args, **kwargs)
 
     return wrapper
 
@@ -82,15 +83,22 @@ class _OnceHandler(logging.Handler):
         click.echo(f"{record.levelname.lower()}: {message}", err=True)
 
 
-def _route_library_logs(level: int) -> None:
+@contextlib.contextmanager
+def _library_logs(level: int) -> Iterator[None]:
+    """Print the library's records at ``level`` and above, once each, for one command; then put the
+    logger back as it was (an embedding application or a test may watch it too)."""
     logger = logging.getLogger(_LIBRARY_LOGGER)
-    for handler in [h for h in logger.handlers if isinstance(h, _OnceHandler)]:
-        logger.removeHandler(handler)
-    logger.addHandler(_OnceHandler(level))
+    saved = logger.level, logger.propagate
+    handler = _OnceHandler(level)
+    logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False
+    logger.propagate = False  # a root handler (logging.basicConfig somewhere) would print it twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = saved
 
 
 def is_stdout(path: Path | None) -> bool:
     return path is not None and path == STDOUT
-

@@ -14,6 +14,10 @@ from .errors import FskdError, UsageError
 __version__ = "0.2.0"
 __all__ = ["FitResult", "FskdError", "UsageError", "__version__", "decompose", "evaluate", "fit", "prune"]
 _API = {"FitResult", "decompose", "evaluate", "fit", "prune"}
+# onnxruntime comes from one of two extras (their builds clash when both are installed), so a bare
+# `pip install onnx-fskd` has none: say which to add instead of a ModuleNotFoundError.
+NO_ONNXRUNTIME = ('no ONNX Runtime found: install one build, pip install "onnx-fskd[cpu]" '
+                  '(or "onnx-fskd[gpu]" for CUDA, see README)')
 
 if TYPE_CHECKING:
     from .api import FitResult, decompose, evaluate, fit, prune
@@ -21,5 +25,11 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     if name in _API:
-        return getattr(importlib.import_module(".api", __name__), name)
+        try:
+            api = importlib.import_module(".api", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name == "onnxruntime":
+                raise FskdError(NO_ONNXRUNTIME) from None
+            raise
+        return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

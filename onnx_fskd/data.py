@@ -110,6 +110,7 @@ def load_samples(path: str | Path, specs: list[InputSpec], num_samples: int | No
         if num_samples <= 0:
             raise FskdError(f"--num-samples must be positive, got {num_samples}")
         samples = samples.take(slice(0, num_samples))
+    log.info("read %d samples from %s", len(samples), path)
     return validate_samples(samples, specs, str(path))
 
 

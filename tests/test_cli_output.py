@@ -131,3 +131,5 @@ def _chatty() -> None:
 def test_library_warnings_print_once_and_follow_verbosity(flags, stderr):
     result = CliRunner().invoke(_chatty, flags)
     assert result.exit_code == 0 and result.stdout == "done\n" and result.stderr == stderr
+    logger = logging.getLogger("onnx_fskd")  # put back for whoever else watches it
+    assert logger.propagate and not logger.handlers

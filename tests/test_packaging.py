@@ -78,3 +78,11 @@ def test_missing_onnxruntime_is_one_error_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         'error: no ONNX Runtime found: install one build, pip install "onnx-fskd[cpu]" '
         '(or "onnx-fskd[gpu]" for CUDA, see README)']
+
+
+def test_missing_onnxruntime_is_an_fskd_error_in_the_api():
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "import onnx_fskd\n"
+            "try:\n    onnx_fskd.fit\nexcept onnx_fskd.FskdError as exc:\n    print(exc)")
+    result = _python("-c", code)
+    assert result.returncode == 0 and result.stdout.strip() == onnx_fskd.NO_ONNXRUNTIME, result.stderr
