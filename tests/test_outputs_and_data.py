@@ -170,3 +170,25 @@ def test_default_normalisation_warns_once(tmp_path):
         "models expect their training normalisation, e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225"]
     quiet = CliRunner().invoke(main, args + ["--mean", "0.5", "--std", "0.5"])
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr
+
+
+def test_fit_reports_cosine_for_an_embedding_output(tmp_path):
+    from builders import NetBuilder, prune_by_slicing, random_inputs
+
+    b = NetBuilder(0)
+    x = "input"
+    for i, (cin, cout) in enumerate([(12, 32), (32, 16)]):
+        w = b.rng.normal(0, np.sqrt(2.0 / cin), (cin, cout))
+        x = b.node("Relu", f"t{i}.relu", [b.node("MatMul", f"t{i}", [x, b.const(f"t{i}.w", w)])])
+    teacher = b.model(b.node("ReduceMean", "pool", [x], axes=[1], keepdims=0), (6, 12), 16, "embedder")
+    onnx.save(teacher, tmp_path / "t.onnx")
+    onnx.save(prune_by_slicing(teacher, {"t0": np.arange(0, 32, 2)}), tmp_path / "s.onnx")
+    np.savez(tmp_path / "d.npz", **random_inputs(teacher, 80))
+    result = CliRunner().invoke(main, ["fit", str(tmp_path / "t.onnx"), "--student", str(tmp_path / "s.onnx"),
+                                       "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "r.onnx"),
+                                       "--report", "-"])
+    assert result.exit_code == 0, result.output
+    before, after = (json.loads(result.stdout)[k] for k in ("before", "after"))
+    assert before["metric"] == after["metric"] == "cosine" and after["agreement"] is None
+    assert 0 < before["cosine"] < after["cosine"] <= 1
+    assert "cosine similarity" in result.stderr and "top-1" not in result.stderr
