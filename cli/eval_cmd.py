@@ -20,7 +20,8 @@ from .output import human_console, is_stdout, output_options, write_json
 @click.command("eval")
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
-              help="Samples: .npy, .npz (labels under 'labels') or a folder of images (class sub-folders give labels).")
+              help="Samples: .npy, .npz (labels under 'labels'), a folder of .npz batches, or a folder of images "
+                   "(class sub-folders give labels).")
 @click.option("--reference", "reference_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Model to compare outputs with, usually the uncompressed teacher.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),

@@ -10,12 +10,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from onnx_fskd.api import DEFAULT_PRUNE_RATIO, NO_DATA_MESSAGE, default_output_path, finish_recovered
 from onnx_fskd.compare import ModelFigures, model_figures
 from onnx_fskd.compress import CompressResult
 from onnx_fskd.data import input_specs, load_samples
 from onnx_fskd.errors import UsageError
 from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
-from onnx_fskd.api import DEFAULT_PRUNE_RATIO, NO_DATA_MESSAGE, default_output_path, finish_recovered
 from onnx_fskd.pipeline import FitConfig, check_compatible, fit, make_student
 from onnx_fskd.provenance import run_record, stamp_producer
 from onnx_fskd.report import FitReport
