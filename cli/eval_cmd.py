@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from onnx_fskd.data import input_specs, load_samples
+from onnx_fskd.data import input_specs, load_batches
 from onnx_fskd.evaluation import EvalResult, evaluate
 from onnx_fskd.metrics import METRICS
 from onnx_fskd.model_io import check_output_path, load_model
@@ -50,8 +50,8 @@ def eval_command(model_path: Path, data_path: Path, reference_path: Path | None,
     reference = load_model(reference_path) if reference_path else None
     if json_path and not is_stdout(json_path):  # checked before the slow part, so a bad path fails at once
         check_output_path(json_path, [model_path, reference_path, data_path], force=True)
-    samples = load_samples(data_path, input_specs(model), num_samples, build_image_options(**image))
-    result = evaluate(model, samples, reference, resolve_providers(provider), batch_size, output=output_name,
+    batches = load_batches(data_path, input_specs(model), num_samples, build_image_options(**image))
+    result = evaluate(model, batches, reference, resolve_providers(provider), batch_size, output=output_name,
                       metric=metric)
     human_console(data_on_stdout=is_stdout(json_path)).print(_table(result))
     if json_path:

@@ -20,7 +20,7 @@ from . import pipeline
 from .compress import decompose_model, prune_model
 from .compress.decompose import check_decompose_options
 from .compress.prune import check_prune_options
-from .data import DataSource, ImageOptions, input_specs, samples_from
+from .data import DataSource, ImageOptions, batches_from, input_specs, samples_from
 from .errors import FskdError, UsageError
 from .evaluation import evaluate as _evaluate
 from .model_io import check_output_path, load_model, save_model_atomic
@@ -103,8 +103,8 @@ def evaluate(model: ModelSource, data: DataSource, reference: ModelSource | None
     """``onnx-fskd eval``'s JSON as a dict: accuracy, agreement, relative error (per output), costs, latency."""
     model = _model(model)
     reference_model = _model(reference) if reference is not None else None
-    samples = samples_from(data, input_specs(model), num_samples, images)
-    return _evaluate(model, samples, reference_model, resolve_providers(provider), batch_size,
+    batches = batches_from(data, input_specs(model), num_samples, images)
+    return _evaluate(model, batches, reference_model, resolve_providers(provider), batch_size,
                      output=output, metric=metric).to_json()
 
 

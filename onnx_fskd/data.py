@@ -147,8 +147,12 @@ def _pick_inputs(content: Mapping[str, np.ndarray], specs: list[InputSpec], sour
 
 
 def _load_npz_folder(path: Path, specs: list[InputSpec]) -> Samples:
-    """One .npz per batch, in name order: text batches may each have their own sequence length."""
-    return concatenate_batches([_load_npz(file, specs) for file in sorted(path.glob("*.npz"))], specs, str(path))
+    """One .npz per batch, in name order, stacked (and padded where sequence lengths differ)."""
+    return concatenate_batches(_load_npz_folder_batches(path, specs), specs, str(path))
+
+
+def _load_npz_folder_batches(path: Path, specs: list[InputSpec]) -> list[Samples]:
+    return [_load_npz(file, specs) for file in sorted(path.glob("*.npz"))]
 
 
 def concatenate_batches(batches: list[Samples], specs: list[InputSpec], source: str) -> Samples:
@@ -176,17 +180,29 @@ def concatenate_batches(batches: list[Samples], specs: list[InputSpec], source: 
     return Samples(arrays, np.concatenate(labels) if all(has_labels) else None)
 
 
-def samples_from(data: DataSource, specs: list[InputSpec], num_samples: int | None = None,
-                 images: ImageOptions | None = None) -> Samples:
-    """Samples from any form the Python API takes: a path (as on the command line), a dict of arrays,
-    an iterable of feed dicts (one batch each), or an object with ``get_next()`` (ONNX Runtime's
-    CalibrationDataReader), read until it returns None."""
+def load_batches(path: str | Path, specs: list[InputSpec], num_samples: int | None = None,
+                 images: ImageOptions | None = None) -> list[Samples]:
+    """Like load_samples, but a folder of .npz files stays one Samples per file, each validated on its
+    own, so batches of different sequence lengths can run as they are, unpadded (eval does)."""
+    path = Path(path)
+    if not (path.is_dir() and any(path.glob("*.npz"))):
+        return [load_samples(path, specs, num_samples, images)]
+    batches = _first(_load_npz_folder_batches(path, specs), num_samples)
+    log.info("read %d samples in %d batches from %s", sum(map(len, batches)), len(batches), path)
+    return [validate_samples(batch, specs, str(path)) for batch in batches]
+
+
+def batches_from(data: DataSource, specs: list[InputSpec], num_samples: int | None = None,
+                 images: ImageOptions | None = None) -> list[Samples]:
+    """Validated batches from any form the Python API takes: a path (as on the command line), a dict
+    of arrays, an iterable of feed dicts (one batch each), or an object with ``get_next()`` (ONNX
+    Runtime's CalibrationDataReader), read until it returns None."""
     if isinstance(data, (str, os.PathLike)):
-        return load_samples(data, specs, num_samples, images)
+        return load_batches(data, specs, num_samples, images)
     if isinstance(data, Samples):
-        samples, source = data, "samples"
+        batches, source = [data], "samples"
     elif isinstance(data, Mapping):
-        samples, source = _pick_inputs(data, specs, "data"), "data"
+        batches, source = [_pick_inputs(data, specs, "data")], "data"
     else:
         if hasattr(data, "get_next"):
             feeds, source = iter(data.get_next, None), "the data reader"
@@ -200,12 +216,31 @@ def samples_from(data: DataSource, specs: list[InputSpec], num_samples: int | No
             if not isinstance(feed, Mapping):
                 raise FskdError(f"{source} gave a {type(feed).__name__}, expected a dict of input name → array")
             batches.append(_pick_inputs(feed, specs, source))
-        samples = concatenate_batches(batches, specs, source)
-    if num_samples is not None:
-        if num_samples <= 0:
-            raise FskdError(f"num_samples must be positive, got {num_samples}")
-        samples = samples.take(slice(0, num_samples))
-    return validate_samples(samples, specs, source)
+        if not batches:
+            raise FskdError(f"{source} gave no batches")
+    return [validate_samples(batch, specs, source) for batch in _first(batches, num_samples)]
+
+
+def samples_from(data: DataSource, specs: list[InputSpec], num_samples: int | None = None,
+                 images: ImageOptions | None = None) -> Samples:
+    """All of ``data`` (see batches_from) as one Samples; batches of different lengths are padded."""
+    batches = batches_from(data, specs, num_samples, images)
+    return batches[0] if len(batches) == 1 else concatenate_batches(batches, specs, "data")
+
+
+def _first(batches: list[Samples], num_samples: int | None) -> list[Samples]:
+    """The leading batches that hold ``num_samples`` samples, the last one cut short."""
+    if num_samples is None:
+        return batches
+    if num_samples <= 0:
+        raise FskdError(f"--num-samples must be positive, got {num_samples}")
+    kept, left = [], num_samples
+    for batch in batches:
+        if left <= 0:
+            break
+        kept.append(batch if len(batch) <= left else batch.take(slice(0, left)))
+        left -= len(kept[-1])
+    return kept
 
 
 def _read_array(loader, path: Path) -> np.ndarray:

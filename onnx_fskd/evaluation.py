@@ -13,7 +13,7 @@ import onnxruntime as ort
 from .costs import count_costs
 from .data import InputSpec, Samples, input_specs
 from .errors import FskdError
-from .metrics import METRICS, accuracy, choose_metric, compare, padding_mask, relative_error
+from .metrics import METRICS, accuracy, as_rows, choose_metric, compare, label_rows, padding_mask, relative_error
 from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
 
 WARMUP_RUNS = 3
@@ -41,17 +41,21 @@ class EvalResult:
         return asdict(self)
 
 
-def evaluate(model: onnx.ModelProto, samples: Samples, reference: onnx.ModelProto | None = None,
+def evaluate(model: onnx.ModelProto, samples: Samples | list[Samples], reference: onnx.ModelProto | None = None,
              providers: list[str] | None = None, batch_size: int = DEFAULT_BATCH,
              latency_batch: int | None = None, repeats: int = DEFAULT_REPEATS, output: str | None = None,
              metric: str = "auto") -> EvalResult:
     """Run ``model`` (and ``reference``) over all samples and measure it.
 
-    Every output's relative error is measured against the reference; accuracy (with labels) and
-    agreement or cosine (``metric``, by default chosen from the output: see metrics.choose_metric) on
-    ``output``, the first by default. With neither labels nor a reference there is nothing to report.
+    ``samples`` may be a list of batches (a folder of .npz files), each run as it is, so text batches
+    keep their own sequence lengths. Every output's relative error is measured against the reference;
+    accuracy (with labels) and agreement or cosine (``metric``, by default chosen from the output: see
+    metrics.choose_metric) on ``output``, the first by default. Positions an attention_mask input marks
+    as padding count nowhere. With neither labels nor a reference there is nothing to report.
     """
-    if samples.labels is None and reference is None:
+    batches = samples if isinstance(samples, list) else [samples]
+    labelled = all(batch.labels is not None for batch in batches)
+    if not labelled and reference is None:
         raise FskdError("nothing to compare: samples carry no labels and no --reference given")
     if metric not in METRICS:
         raise FskdError(f"--metric must be one of {', '.join(METRICS)}, got {metric}")
@@ -64,20 +68,31 @@ def evaluate(model: onnx.ModelProto, samples: Samples, reference: onnx.ModelProt
     metric = choose_metric(model, output, metric)
     providers = providers or resolve_providers("auto")
     session = make_session(model, providers)
+    ref_session = make_session(reference, providers) if reference is not None else None
     fixed_batch = _fixed_batch(input_specs(model))
-    values = run_batched(session, samples.arrays, names, batch_size, fixed_batch)
-    mask = padding_mask(samples.arrays, values[output])
+    ours: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    theirs: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    labels = []
+    for batch in batches:
+        values = run_batched(session, batch.arrays, names, batch_size, fixed_batch)
+        expected = None if ref_session is None else run_batched(
+            ref_session, batch.arrays, names, batch_size, _fixed_batch(input_specs(reference)))
+        for name in names:
+            mask = padding_mask(batch.arrays, values[name])
+            ours[name].append(as_rows(values[name], mask))
+            if expected is not None:
+                theirs[name].append(as_rows(expected[name], mask))
+        if labelled:
+            labels.append(label_rows(batch.labels, values[output], padding_mask(batch.arrays, values[output])))
+    selected = _stack(ours[output], output)
     comparison, per_output = None, {}
-    if reference is not None:
-        ref_session = make_session(reference, providers)
-        expected = run_batched(ref_session, samples.arrays, names, batch_size, _fixed_batch(input_specs(reference)))
-        per_output = {name: {"relative_error": relative_error(values[name], expected[name],
-                                                              padding_mask(samples.arrays, values[name]))}
+    if ref_session is not None:
+        per_output = {name: {"relative_error": relative_error(_flat(ours[name]), _flat(theirs[name]))}
                       for name in names}
-        comparison = compare(values[output], expected[output], metric, mask)
+        comparison = compare(selected, _stack(theirs[output], output), metric)
     cost = count_costs(model, batch=1)
     return EvalResult(
-        accuracy=None if samples.labels is None else accuracy(values[output], samples.labels, mask),
+        accuracy=accuracy(selected, np.concatenate(labels)) if labelled else None,
         agreement=comparison and comparison.agreement,
         cosine=comparison and comparison.cosine,
         relative_error=comparison and comparison.relative_error,
@@ -86,10 +101,22 @@ def evaluate(model: onnx.ModelProto, samples: Samples, reference: onnx.ModelProt
         outputs=per_output,
         params=cost.params,
         macs=cost.macs // (fixed_batch or 1),
-        latency_ms=latencies(session, samples, fixed_batch, latency_batch or batch_size, repeats),
-        samples=len(samples),
+        latency_ms=latencies(session, batches[0], fixed_batch, latency_batch or batch_size, repeats),
+        samples=sum(len(batch) for batch in batches),
         provider=session_device(session),
     )
+
+
+def _stack(parts: list[np.ndarray], name: str) -> np.ndarray:
+    """One output's rows from all batches; per-sample metrics need the same shape past the first axis."""
+    if len({part.shape[1:] for part in parts}) > 1:
+        raise FskdError(f"output {name} has a different shape in each batch ({', '.join(str(p.shape) for p in parts)})"
+                        f"; agreement needs one shape: pass --output with an output of fixed size, or one .npz")
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _flat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([part.ravel() for part in parts])
 
 
 def _fixed_batch(specs: list[InputSpec]) -> int | None:

@@ -99,6 +99,23 @@ def padding_mask(feeds: dict[str, np.ndarray], output: np.ndarray) -> np.ndarray
     return np.asarray(mask) != 0
 
 
+def as_rows(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Rank-3 (N, seq, C) outputs as one row per unpadded position, so batches of different lengths
+    concatenate and every metric counts positions; other ranks stay per sample."""
+    if values.ndim != 3:
+        return values
+    return values[mask] if mask is not None else values.reshape(-1, values.shape[-1])
+
+
+def label_rows(labels: np.ndarray, values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Labels lined up with as_rows(values): one per sample, or (N, seq) per position for rank-3."""
+    labels = np.asarray(labels)
+    if values.ndim != 3:
+        return labels.reshape(-1)
+    labels = labels.reshape(values.shape[:2])
+    return labels[mask] if mask is not None else labels.reshape(-1)
+
+
 def _position_mask(per_position: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     if mask is None or per_position.ndim != 2 or mask.shape != per_position.shape:
         return np.ones(per_position.shape, dtype=bool)

@@ -192,3 +192,32 @@ def test_fit_reports_cosine_for_an_embedding_output(tmp_path):
     assert before["metric"] == after["metric"] == "cosine" and after["agreement"] is None
     assert 0 < before["cosine"] < after["cosine"] <= 1
     assert "cosine similarity" in result.stderr and "top-1" not in result.stderr
+
+
+def _plain_token_model(seed: int) -> onnx.ModelProto:
+    """logits = x @ W per token, no attention mask."""
+    w = np.random.default_rng(seed).standard_normal((FEATURES, VOCAB)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"])], "plain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", FEATURES])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "S", VOCAB])],
+                              [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
+def test_eval_runs_each_npz_batch_at_its_own_length(tmp_path):
+    import onnx_fskd
+
+    model, reference = _plain_token_model(0), _plain_token_model(1)
+    rng = np.random.default_rng(2)
+    batches = [rng.standard_normal((4, length, FEATURES)).astype(np.float32) for length in (3, 9, 5)]
+    (tmp_path / "batches").mkdir()
+    for index, x in enumerate(batches):
+        np.savez(tmp_path / "batches" / f"{index}.npz", x=x)
+    weights = [numpy_helper.to_array(m.graph.initializer[0]).astype(np.float64) for m in (model, reference)]
+    same = np.concatenate([((x @ weights[0]).argmax(2) == (x @ weights[1]).argmax(2)).ravel() for x in batches])
+    from_folder = onnx_fskd.evaluate(model, tmp_path / "batches", reference=reference, provider="cpu")
+    from_feeds = onnx_fskd.evaluate(model, ({"x": x} for x in batches), reference=reference, provider="cpu")
+    assert from_folder["agreement"] == pytest.approx(same.mean()) and from_folder["samples"] == 12
+    assert from_feeds["agreement"] == from_folder["agreement"]
+    with pytest.raises(FskdError, match="no attention_mask input"):  # fit stacks batches: padding needs a mask
+        onnx_fskd.fit(model, _plain_token_model(3), tmp_path / "batches")
