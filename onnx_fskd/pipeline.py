@@ -203,7 +203,8 @@ def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, fitted: _Fitted, 
         report.consistency = relative_error(after, fitted.predicted_outputs[verify_rows])
     report.provider = session_device(student_session)
     metric, mask = choose_metric(student, out_name), padding_mask(held, before)
-    report.before, report.after = (OutputMetrics.of(compare(y, reference, metric, mask), metric) for y in (before, after))
+    report.before, report.after = (OutputMetrics.of(compare(y, reference, metric, mask), metric)
+                                   for y in (before, after))
     if report.after.relative_error > report.before.relative_error:
         report.warnings.append(
             f"the recovered model is further from the teacher than the student on held-out samples "

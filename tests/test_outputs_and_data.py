@@ -80,7 +80,8 @@ def test_eval_compares_every_output_against_numpy():
     result = evaluate(model, samples, reference, ["CPUExecutionProvider"], batch_size=8, repeats=1)
     kept = mask.astype(bool)
     assert result.output == "logits" and result.metric == "top1"
-    assert result.agreement == pytest.approx(np.mean(ours["logits"].argmax(2)[kept] == theirs["logits"].argmax(2)[kept]))
+    same = ours["logits"].argmax(2)[kept] == theirs["logits"].argmax(2)[kept]
+    assert result.agreement == pytest.approx(np.mean(same))
     diff = ours["logits"][kept] - theirs["logits"][kept]
     assert result.outputs["logits"]["relative_error"] == pytest.approx(
         np.linalg.norm(diff) / np.linalg.norm(theirs["logits"][kept]), rel=1e-5)
