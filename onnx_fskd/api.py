@@ -19,7 +19,6 @@ import onnx
 from . import pipeline
 from .compress import decompose_model, prune_model
 from .compress.decompose import check_decompose_options
-from .compress.prune import check_prune_options
 from .data import DataSource, ImageOptions, batches_from, input_specs, samples_from
 from .errors import FskdError, UsageError
 from .evaluation import evaluate as _evaluate
@@ -52,23 +51,26 @@ class FitResult:
         return path
 
 
+_DEFAULTS = pipeline.FitConfig()
+
+
 def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSource | None = None, *,
-        prune: float | None = None, decompose: float | None = None, num_samples: int | None = None,
-        images: ImageOptions | None = None, map_path: str | os.PathLike | None = None, keep_map: bool = False,
-        **config) -> FitResult:
+        prune: float | None = None, decompose: float | None = None, solver: str = _DEFAULTS.solver,
+        mode: str = _DEFAULTS.mode, points: str = _DEFAULTS.points,
+        residual_target: str = _DEFAULTS.residual_target, ridge: float = _DEFAULTS.ridge,
+        holdout: float = _DEFAULTS.holdout, seed: int = _DEFAULTS.seed, batch_size: int = _DEFAULTS.batch_size,
+        provider: str = _DEFAULTS.provider, num_samples: int | None = None, images: ImageOptions | None = None,
+        map_path: str | os.PathLike | None = None, keep_map: bool = False) -> FitResult:
     """Recover ``student`` (or the teacher compressed by ``prune``/``decompose``; with none of the three,
-    ``prune=DEFAULT_PRUNE_RATIO``) from ``data``. ``config`` takes FitConfig's fields: mode, points,
-    residual_target, solver, ridge, holdout, batch_size, provider, seed."""
-    unknown = set(config) - {f.name for f in fields(pipeline.FitConfig)}
-    if unknown:
-        raise UsageError(f"unknown fit option(s): {', '.join(sorted(unknown))}")
+    ``prune=DEFAULT_PRUNE_RATIO``) from ``data``; the other options are `onnx-fskd fit`'s."""
     if sum(option is not None for option in (student, prune, decompose)) > 1:
         raise UsageError("give at most one of student, prune or decompose")
     if student is None and decompose is None and prune is None:
         prune = DEFAULT_PRUNE_RATIO
     if data is None:
         raise UsageError(NO_DATA_MESSAGE)
-    settings = pipeline.FitConfig(**config)
+    settings = pipeline.FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver,
+                                  ridge=ridge, holdout=holdout, batch_size=batch_size, provider=provider, seed=seed)
     teacher_model = _model(teacher)
     student_model = _model(student) if student is not None else \
         pipeline.make_student(teacher_model, prune, decompose).model
@@ -84,17 +86,21 @@ def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSour
     return FitResult(model, result.report.to_json(), student_model)
 
 
-def prune(model: ModelSource, ratio: float = DEFAULT_PRUNE_RATIO, **options) -> onnx.ModelProto:
-    """A channel-pruned student with the map ``fit`` reads in its metadata; ``options`` as ``onnx-fskd
-    prune``: criterion, global_, exclude, round_to, prune_residual, seed."""
-    check_prune_options(ratio, options.get("criterion", "l1"), options.get("exclude"), options.get("round_to", 1))
-    return stamp_producer(prune_model(_model(model), ratio, **options).model)
+def prune(model: ModelSource, ratio: float = DEFAULT_PRUNE_RATIO, *, criterion: str = "l1", global_: bool = False,
+          exclude: str | None = None, round_to: int = 1, prune_residual: bool = False,
+          seed: int = 0) -> onnx.ModelProto:
+    """A channel-pruned student with the map ``fit`` reads in its metadata (options as `onnx-fskd prune`'s)."""
+    result = prune_model(_model(model), ratio, criterion=criterion, global_=global_, exclude=exclude,
+                         round_to=round_to, prune_residual=prune_residual, seed=seed)
+    return stamp_producer(result.model)
 
 
-def decompose(model: ModelSource, rank_ratio: float | None = None, **options) -> onnx.ModelProto:
-    """A low-rank student with the map ``fit`` reads; ``options``: method, energy, keep_ends."""
-    check_decompose_options(rank_ratio, options.get("method", "auto"), options.get("energy"))
-    return stamp_producer(decompose_model(_model(model), rank_ratio=rank_ratio, **options).model)
+def decompose(model: ModelSource, rank_ratio: float | None = None, *, method: str = "auto",
+              energy: float | None = None, keep_ends: bool = True) -> onnx.ModelProto:
+    """A low-rank student with the map ``fit`` reads (options as `onnx-fskd decompose`'s)."""
+    check_decompose_options(rank_ratio, method, energy)
+    return stamp_producer(decompose_model(_model(model), rank_ratio=rank_ratio, method=method, energy=energy,
+                                          keep_ends=keep_ends).model)
 
 
 def evaluate(model: ModelSource, data: DataSource, reference: ModelSource | None = None, *,

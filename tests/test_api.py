@@ -113,7 +113,7 @@ def test_evaluate_returns_eval_json(setup):
     (lambda p, a: onnx_fskd.fit(p["teacher"], p["student"], [1, 2]), "expected a dict"),
     (lambda p, a: onnx_fskd.fit(p["teacher"], p["student"], {"x": a["input"], "y": a["input"]}), "lacks arrays"),
     (lambda p, a: onnx_fskd.fit(p["teacher"], p["student"], a, prune=0.5), "at most one"),
-    (lambda p, a: onnx_fskd.fit(p["teacher"], p["student"], a, sovler="q"), "unknown fit option"),
+    (lambda p, a: onnx_fskd.fit(p["teacher"], p["student"], a, solver="qq"), "--solver must be q or full"),
     (lambda p, a: onnx_fskd.evaluate(p["teacher"], a), "nothing to compare"),
     (lambda p, a: onnx_fskd.fit(3, p["student"], a), "a model is a path"),
 ])
@@ -121,3 +121,8 @@ def test_errors_are_fskd_errors(setup, call, message):
     paths, arrays, _ = setup
     with pytest.raises(onnx_fskd.FskdError, match=message):
         call(paths, arrays)
+
+
+def test_prune_options_are_checked(setup):
+    with pytest.raises(onnx_fskd.FskdError, match="criterion"):
+        onnx_fskd.prune(setup[0]["teacher"], 0.5, criterion="l3")
