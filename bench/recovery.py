@@ -1,7 +1,7 @@
 """Paper-style recovery comparison on the MNIST sample teachers (FSKD vs. few-shot SGD distillation vs.
 full fine-tuning). One command, from the repository root, with the ``bench`` extra installed:
 
-    pip install -e ".[bench]" && python bench/recovery.py
+    pip install -e ".[cpu,bench]" && python bench/recovery.py
 
 It makes the students in torch from ``samples/{vgg,resnet}_teacher.onnx`` (L1-pruned 50 % and 70 %,
 BN-scale-pruned 50 %, SVD-decomposed at rank ratio 0.5; for the ResNet only L1 50 % unless
@@ -276,7 +276,7 @@ def markdown(res: dict, png: str = "bench/recovery.png") -> str:
         "with the samples' exporter settings (`bench/baselines.py`). Every accuracy is measured in ONNX Runtime on",
         "the 1000 test digits. The N samples are the first N of the shuffled train split, without labels.",
         "",
-        f"- Command: `{res['command']}` (from the repository root, after `pip install -e \".[bench]\"`).",
+        f"- Command: `{res['command']}` (from the repository root, after `pip install -e \".[cpu,bench]\"`).",
         f"- Date: {res['date']}. Machine: {res['cpu']}, {res['cores']} cores; everything on CPU. torch, OpenMP and "
         f"BLAS (numpy, so also FSKD's solve) with {res['threads']} thread{'s' if res['threads'] > 1 else ''}, "
         "ONNX Runtime (FSKD's forward passes) with its default thread pool. Versions: "

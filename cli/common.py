@@ -45,11 +45,16 @@ def image_options(command: Callable) -> Callable:
     defaults = ImageOptions()
     options = [
         click.option("--image-size", type=ImageSize(), default=None, metavar="HxW",
-                     help="Resize images to HxW (default: the model's input size)."),
+                     help="Centre-crop images to HxW (default: the model's input size)."),
+        click.option("--resize", type=click.IntRange(min=1), default=None, metavar="PIXELS",
+                     help="Resize each image's shorter side to PIXELS before the crop, keeping its aspect "
+                          "(default: just enough to cover the crop; 256 with a 224 crop is ImageNet's)."),
+        click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default=defaults.channel_order,
+                     show_default=True, help="Colour channel order the model expects."),
         click.option("--mean", type=FloatList(), default=None, metavar="M[,M,...]",
-                     help=f"Per-channel mean subtracted after scaling (default {defaults.mean[0]:g})."),
+                     help="Per-channel mean subtracted after scaling (default 0, with a warning)."),
         click.option("--std", type=FloatList(), default=None, metavar="S[,S,...]",
-                     help=f"Per-channel std dividing after the mean (default {defaults.std[0]:g})."),
+                     help="Per-channel std dividing after the mean (default 1)."),
         click.option("--scale", type=float, default=None,
                      help=f"Pixel multiplier applied first (default 1/255 = {defaults.scale:.6g})."),
         click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=defaults.layout, show_default=True,
@@ -60,12 +65,14 @@ def image_options(command: Callable) -> Callable:
     return command
 
 
-def build_image_options(image_size: tuple[int, int] | None, mean: tuple[float, ...] | None,
-                        std: tuple[float, ...] | None, scale: float | None, layout: str) -> ImageOptions:
+def build_image_options(image_size: tuple[int, int] | None, resize: int | None, channel_order: str,
+                        mean: tuple[float, ...] | None, std: tuple[float, ...] | None, scale: float | None,
+                        layout: str) -> ImageOptions:
     """ImageOptions from the parsed options; anything not given keeps the dataclass default."""
     if std is not None and 0.0 in std:
         raise UsageError("--std values must be non-zero")
-    given = {"size": image_size, "mean": mean, "std": std, "scale": scale, "layout": layout}
+    given = {"size": image_size, "resize": resize, "channel_order": channel_order, "mean": mean, "std": std,
+             "scale": scale, "layout": layout}
     return ImageOptions(**{key: value for key, value in given.items() if value is not None})
 
 

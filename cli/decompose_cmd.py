@@ -9,8 +9,10 @@ import click
 from onnx_fskd.compress import decompose_model
 from onnx_fskd.compress.decompose import check_decompose_options
 from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
+from onnx_fskd.provenance import stamp_producer
 
 from .common import reports_errors
+from .output import output_options
 from .prune_cmd import print_summary
 
 
@@ -28,6 +30,7 @@ from .prune_cmd import print_summary
               help="Leave the layers that read the graph input or write the graph output unfactorised: they save "
                    "few MACs, and no later point can correct a low-rank output layer.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@output_options
 @reports_errors
 def decompose_command(model_path: Path, rank_ratio: float | None, output_path: Path, method: str,
                       energy: float | None, keep_ends: bool, force: bool) -> None:
@@ -38,5 +41,5 @@ def decompose_command(model_path: Path, rank_ratio: float | None, output_path: P
     check_output_path(output_path, [model_path], force)
     model = load_model(model_path)
     result = decompose_model(model, rank_ratio=rank_ratio, method=method, energy=energy, keep_ends=keep_ends)
-    save_model_atomic(result.model, output_path, like=model)
+    save_model_atomic(stamp_producer(result.model), output_path, like=model)
     print_summary(model, result, "decomposition", "rank", output_path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,16 +10,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from onnx_fskd.api import DEFAULT_PRUNE_RATIO, NO_DATA_MESSAGE, default_output_path, finish_recovered
 from onnx_fskd.compare import ModelFigures, model_figures
 from onnx_fskd.compress import CompressResult
 from onnx_fskd.data import input_specs, load_samples
-from onnx_fskd.errors import FskdError, UsageError
+from onnx_fskd.errors import UsageError
 from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
 from onnx_fskd.pipeline import FitConfig, check_compatible, fit, make_student
+from onnx_fskd.provenance import run_record, stamp_producer
 from onnx_fskd.report import FitReport
 from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES, resolve_providers
 
 from .common import build_image_options, image_options, reports_errors
+from .output import human_console, is_stdout, output_options, warning_console, write_json
 
 _DEFAULTS = FitConfig()
 
@@ -31,15 +32,17 @@ _DEFAULTS = FitConfig()
 @click.option("--student", "student_path", type=click.Path(dir_okay=False, path_type=Path),
               help="The compressed model to recover (pruned or decomposed).")
 @click.option("--prune", "prune_ratio", type=float, default=None,
-              help="Instead of --student: prune this fraction of TEACHER's channels (L1), then recover.")
+              help="Instead of --student: prune this fraction of TEACHER's channels (L1), then recover. "
+                   f"With none of --student/--prune/--decompose: --prune {DEFAULT_PRUNE_RATIO}.")
 @click.option("--decompose", "rank_ratio", type=float, default=None,
               help="Instead of --student: decompose TEACHER's layers at this rank ratio, then recover.")
 @click.option("--student-out", type=click.Path(dir_okay=False, path_type=Path),
               help="With --prune/--decompose: also write the unrecovered student here.")
-@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
-              help="Unlabeled samples: .npy, .npz (one array per input) or a folder of images.")
-@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the recovered student.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path),
+              help="Unlabeled samples (a few hundred): .npy, .npz (one array per input), a folder of .npz "
+                   "batches or a folder of images.")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the recovered student (default: TEACHER.fskd.onnx beside TEACHER).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
 @click.option("--mode", type=click.Choice(["sequential", "parallel"]), default=_DEFAULTS.mode, show_default=True,
               help="sequential: each point sees the corrected earlier points (the paper); parallel: one pass, for comparison.")
@@ -60,27 +63,40 @@ _DEFAULTS = FitConfig()
               help="ONNX Runtime provider; auto takes CUDA when onnxruntime-gpu can use it.")
 @click.option("--map", "map_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON map of teacher→student points and kept channels (see README), when pairing is ambiguous.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the fit report as JSON.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Also write the fit report as JSON ('-': to stdout, the tables then go to stderr).")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
+              help="Seed of the held-out split (recorded in the report).")
+@click.option("--keep-map", is_flag=True,
+              help="Keep the internal onnx_fskd.map channel map in the recovered model's metadata.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @image_options
+@output_options
 @reports_errors
 def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: float | None, rank_ratio: float | None,
-                student_out: Path | None, data_path: Path, output_path: Path,
+                student_out: Path | None, data_path: Path | None, output_path: Path | None,
                 num_samples: int | None, mode: str, points: str, residual_target: str, solver: str, ridge: float,
                 holdout: float, batch_size: int, provider: str, map_path: Path | None,
-                report_path: Path | None, force: bool, **image) -> None:
-    """Fit one least-squares correction per point of the student so its outputs follow TEACHER.onnx,
-    merge them into the student's weights (no node added) and write -o. The student is --student, or
-    made from TEACHER with --prune R or --decompose R."""
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    if sum(option is not None for option in (student_path, prune_ratio, rank_ratio)) != 1:
-        raise UsageError("give exactly one of --student, --prune R or --decompose R")
+                report_path: Path | None, seed: int, keep_map: bool, force: bool, **image) -> None:
+    """Recover a compressed student of TEACHER.onnx from a few unlabeled samples.
+
+    Fits one least-squares correction per point of the student so its outputs follow the teacher's,
+    merges them into the student's weights (no node added) and writes -o (default TEACHER.fskd.onnx).
+    The student is --student, or made from TEACHER with --prune R or --decompose R; with none of the
+    three, TEACHER is pruned by the default ratio."""
+    options = click.get_current_context().params.copy()
+    if sum(option is not None for option in (student_path, prune_ratio, rank_ratio)) > 1:
+        raise UsageError("give at most one of --student, --prune R or --decompose R")
+    if student_path is None and rank_ratio is None and prune_ratio is None:
+        prune_ratio = options["prune_ratio"] = DEFAULT_PRUNE_RATIO
+    if data_path is None:
+        raise UsageError(NO_DATA_MESSAGE)
     if student_out is not None and student_path is not None:
         raise UsageError("--student-out goes with --prune or --decompose")
+    output_path = options["output_path"] = output_path or default_output_path(teacher_path)
     inputs = [teacher_path, student_path, data_path]
     check_output_path(output_path, inputs, force)
-    for extra in (student_out, report_path):
+    for extra in (student_out, None if is_stdout(report_path) else report_path):
         if extra:
             check_output_path(extra, inputs + [output_path], force=force or extra == report_path)
     teacher = load_model(teacher_path)
@@ -93,34 +109,33 @@ def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: floa
     check_compatible(teacher, student)
     samples = load_samples(data_path, input_specs(student), num_samples, build_image_options(**image))
     config = FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver, ridge=ridge,
-                       holdout=holdout,
-                       batch_size=batch_size, provider=provider)
-    console = Console(stderr=True)
+                       holdout=holdout, batch_size=batch_size, provider=provider, seed=seed)
+    console = human_console(data_on_stdout=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         tasks = {"points": bar.add_task("points", total=None), "samples": bar.add_task("samples", total=None)}
         result = fit(teacher, student, samples, config, str(map_path) if map_path else None,
                      progress=lambda stage, done, total: bar.update(tasks[stage], completed=done, total=total))
-    save_model_atomic(result.model, output_path, like=student)
+    save_model_atomic(finish_recovered(result.model, keep_map), output_path, like=student)
     if student_out:
-        save_model_atomic(student, student_out, like=teacher)
+        save_model_atomic(stamp_producer(student), student_out, like=teacher)
     figures = None
     if compressed is not None:
         figures = model_figures({"teacher": teacher, "student": student, "recovered": result.model}, samples,
                                 resolve_providers(provider), batch_size)
+    result.report.run = run_record(options, seed, {"teacher": teacher_path, "student": student_path,
+                                                   "data": data_path, "map": map_path})
     if report_path:
         document = result.report.to_json() | ({"costs": [asdict(f) for f in figures]} if figures else {})
-        try:
-            report_path.write_text(json.dumps(document, indent=2) + "\n")
-        except OSError as exc:
-            raise FskdError(f"cannot write {report_path}: {exc.strerror or exc}") from None
-    _print_report(result.report, output_path)
+        write_json(document, report_path, "report")
+    console = human_console(data_on_stdout=is_stdout(report_path))
+    _print_report(console, result.report, output_path)
     if compressed is not None:
-        _print_compression(compressed, figures, student_out)
+        _print_compression(console, compressed, figures, student_out)
 
 
-def _print_compression(compressed: CompressResult, figures: list[ModelFigures], student_out: Path | None) -> None:
-    console = Console()
+def _print_compression(console: Console, compressed: CompressResult, figures: list[ModelFigures],
+                       student_out: Path | None) -> None:
     for note in compressed.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
     keys = list(figures[0].latency_ms)
@@ -134,8 +149,7 @@ def _print_compression(compressed: CompressResult, figures: list[ModelFigures], 
         console.print(f"wrote unrecovered student {student_out}")
 
 
-def _print_report(report: FitReport, output_path: Path) -> None:
-    console = Console()
+def _print_report(console: Console, report: FitReport, output_path: Path) -> None:
     table = Table(title=f"FSKD fit ({report.mode}, solver {report.solver}, {report.samples_fit} fit + "
                         f"{report.samples_heldout} held-out samples, {report.provider})")
     for column in ("point", "op", "channels", "rows", "target", "map", "solver", "held-out error", "status"):
@@ -151,11 +165,13 @@ def _print_report(report: FitReport, output_path: Path) -> None:
     if report.rejected:
         console.print(f"guard rejected {len(report.rejected)} point(s): {', '.join(report.rejected)}")
     b, a = report.before, report.after
+    similarity = (f"cosine similarity {b.cosine:.4f} → {a.cosine:.4f}" if a.metric == "cosine"
+                  else f"top-1 agreement {b.agreement:.2%} → {a.agreement:.2%}")
     console.print(f"output vs teacher (held-out): relative error {b.relative_error:.4f} → {a.relative_error:.4f}, "
-                  f"top-1 agreement {b.agreement:.2%} → {a.agreement:.2%}")
+                  + similarity)
     consistency = "" if report.consistency is None else f", consistency {report.consistency:.1e}"
     console.print(f"merge exactness {report.exactness:.1e}{consistency}; time "
                   + ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
     for warning in report.warnings:
-        Console(stderr=True).print(f"warning: {warning}", markup=False, highlight=False)
+        warning_console().print(f"warning: {warning}", markup=False, highlight=False)
     console.print(f"wrote {output_path}")

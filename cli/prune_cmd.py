@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from onnx_fskd.compress import CompressResult, prune_model
 from onnx_fskd.compress.prune import check_prune_options
 from onnx_fskd.compress.summary import summarize
 from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
+from onnx_fskd.provenance import stamp_producer
 
 from .common import reports_errors
+from .output import human_console, output_options
 
 
 @click.command("prune")
@@ -31,6 +32,7 @@ from .common import reports_errors
               help="Prune the layers a residual Add couples, as one group with one kept set (default: keep them).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --criterion random.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@output_options
 @reports_errors
 def prune_command(model_path: Path, ratio: float, output_path: Path, criterion: str, global_: bool,
                   exclude: str | None, round_to: int, prune_residual: bool, seed: int, force: bool) -> None:
@@ -42,7 +44,7 @@ def prune_command(model_path: Path, ratio: float, output_path: Path, criterion: 
     model = load_model(model_path)
     result = prune_model(model, ratio, criterion=criterion, global_=global_, exclude=exclude, round_to=round_to,
                          prune_residual=prune_residual, seed=seed)
-    save_model_atomic(result.model, output_path, like=model)
+    save_model_atomic(stamp_producer(result.model), output_path, like=model)
     print_summary(model, result, "pruning", "channels in→out", output_path)
 
 
@@ -56,7 +58,7 @@ def print_summary(teacher, result: CompressResult, title: str, change_label: str
         table.add_row(row.name, row.op_type, row.before, row.after, _pair(row.params), _pair(row.macs))
     table.add_section()
     table.add_row("total", "", "", "", _pair(total.params, percent=True), _pair(total.macs, percent=True))
-    console = Console()
+    console = human_console()
     console.print(table)
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False)

@@ -8,7 +8,7 @@ import onnx
 
 from .costs import count_costs
 from .data import Samples, input_specs
-from .evaluate import latencies
+from .evaluation import latencies
 from .runtime import make_session
 
 

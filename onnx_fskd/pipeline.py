@@ -18,7 +18,7 @@ from .compress.prune import check_prune_options
 from .correct import FitSettings, PointFit, Rows, fit_adapter, fit_weights
 from .fuse import ModelWriter, write_update
 from .graph import GraphIndex
-from .metrics import relative_error, top1_agreement
+from .metrics import choose_metric, compare, padding_mask, relative_error
 from .normalize import normalise
 from .pairing import ChannelMapper, PointPair, match_activations, pair_points, read_map
 from .points import CorrectionPoint, find_points
@@ -202,8 +202,9 @@ def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, fitted: _Fitted, 
     if config.mode == "sequential":
         report.consistency = relative_error(after, fitted.predicted_outputs[verify_rows])
     report.provider = session_device(student_session)
-    report.before = OutputMetrics(relative_error(before, reference), top1_agreement(before, reference))
-    report.after = OutputMetrics(relative_error(after, reference), top1_agreement(after, reference))
+    metric, mask = choose_metric(student, out_name), padding_mask(held, before)
+    report.before, report.after = (OutputMetrics.of(compare(y, reference, metric, mask), metric)
+                                   for y in (before, after))
     if report.after.relative_error > report.before.relative_error:
         report.warnings.append(
             f"the recovered model is further from the teacher than the student on held-out samples "

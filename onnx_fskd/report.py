@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .metrics import Comparison
+
 
 @dataclass
 class PointReport:
@@ -26,10 +28,17 @@ class PointReport:
 
 @dataclass
 class OutputMetrics:
-    """The student's final output against the teacher's, on the held-out samples."""
+    """The student's final output against the teacher's, on the held-out samples: top-1 agreement for
+    class scores, cosine similarity for embeddings (metrics.choose_metric)."""
 
     relative_error: float
-    agreement: float
+    agreement: float | None
+    cosine: float | None = None
+    metric: str = "top1"
+
+    @classmethod
+    def of(cls, comparison: Comparison, metric: str) -> "OutputMetrics":
+        return cls(comparison.relative_error, comparison.agreement, comparison.cosine, metric)
 
 
 @dataclass
@@ -49,6 +58,8 @@ class FitReport:
     consistency: float | None = None  # sequential: merged model vs. the corrected activations the fit used
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # versions, every option, the seed and each input's SHA-256 (provenance.run_record), to reproduce a run
+    run: dict = field(default_factory=dict)
 
     @property
     def rejected(self) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from builders import matmul_mlp, mobile_net, random_inputs, resnet_net, vgg_net
-from cli.main import main
+from onnx_fskd.cli.main import main
 from compress_builders import concat_net, odd_conv_net, relative, run
 from onnx_fskd.compress import decompose_model
 from onnx_fskd.compress.factorize import (RankChoice, conv_spatial, conv_svd, conv_tucker2, linear_svd, spatial_matrix,

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from cli.eval_cmd import eval_command
+from onnx_fskd.cli.eval_cmd import eval_command
 from onnx_fskd.data import Samples
 from onnx_fskd.errors import FskdError
-from onnx_fskd.evaluate import evaluate
+from onnx_fskd.evaluation import evaluate
 
 FEATURES, CLASSES, COUNT = 6, 4, 50
 RNG = np.random.default_rng(0)
@@ -90,8 +90,8 @@ def test_json_has_exactly_the_documented_keys():
     weights, bias = _weights(1)
     samples, _ = _labelled_samples(weights, bias)
     report = evaluate(_gemm(weights, bias), samples, repeats=1).to_json()
-    assert set(report) == {"accuracy", "agreement", "relative_error", "params", "macs", "latency_ms",
-                           "samples", "provider"}
+    assert set(report) == {"accuracy", "agreement", "cosine", "relative_error", "output", "metric", "outputs",
+                           "params", "macs", "latency_ms", "samples", "provider"}
     json.dumps(report)
 
 

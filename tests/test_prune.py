@@ -12,13 +12,13 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from builders import matmul_mlp, mobile_net, random_inputs, resnet_net, vgg_net
-from cli.main import main
+from onnx_fskd.cli.main import main
 from compress_builders import concat_net, relative, reshape_net, run, se_net, separable_net, single_gemm
 from onnx_fskd.compress import CompressResult, prune_model
 from onnx_fskd.costs import count_costs
 from onnx_fskd.data import Samples
 from onnx_fskd.errors import FskdError, UsageError
-from onnx_fskd.evaluate import evaluate
+from onnx_fskd.evaluation import evaluate
 from onnx_fskd.graph import GraphIndex
 from onnx_fskd.ops import linear_op_for
 from onnx_fskd.pairing import MAP_METADATA_KEY, read_map

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from .costs import count_costs
 from .data import InputSpec, Samples, input_specs
 from .errors import FskdError
-from .metrics import accuracy, relative_error, top1_agreement
+from .metrics import METRICS, accuracy, as_rows, choose_metric, compare, label_rows, padding_mask, relative_error
 from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
 
 WARMUP_RUNS = 3
@@ -25,8 +25,12 @@ class EvalResult:
     """What ``onnx-fskd eval`` reports; ``to_json`` keys are a stable interface for scripts."""
 
     accuracy: float | None
-    agreement: float | None
-    relative_error: float | None
+    agreement: float | None        # top-1 agreement with the reference (metric "top1")
+    cosine: float | None           # mean cosine similarity with the reference (metric "cosine")
+    relative_error: float | None   # of ``output``; every output's is in ``outputs``
+    output: str                    # the output accuracy, agreement and cosine are measured on
+    metric: str                    # "top1" or "cosine"
+    outputs: dict[str, dict[str, float]]  # name → {"relative_error": ...} against the reference
     params: int
     macs: int  # per sample
     latency_ms: dict[str, float]
@@ -37,48 +41,86 @@ class EvalResult:
         return asdict(self)
 
 
-def evaluate(model: onnx.ModelProto, samples: Samples, reference: onnx.ModelProto | None = None,
+def evaluate(model: onnx.ModelProto, samples: Samples | list[Samples], reference: onnx.ModelProto | None = None,
              providers: list[str] | None = None, batch_size: int = DEFAULT_BATCH,
-             latency_batch: int | None = None, repeats: int = DEFAULT_REPEATS) -> EvalResult:
+             latency_batch: int | None = None, repeats: int = DEFAULT_REPEATS, output: str | None = None,
+             metric: str = "auto") -> EvalResult:
     """Run ``model`` (and ``reference``) over all samples and measure it.
 
-    Accuracy needs labels, agreement and relative error need a reference (both compare first outputs);
-    with neither there is nothing to report, so that is an error.
+    ``samples`` may be a list of batches (a folder of .npz files), each run as it is, so text batches
+    keep their own sequence lengths. Every output's relative error is measured against the reference;
+    accuracy (with labels) and agreement or cosine (``metric``, by default chosen from the output: see
+    metrics.choose_metric) on ``output``, the first by default. Positions an attention_mask input marks
+    as padding count nowhere. With neither labels nor a reference there is nothing to report.
     """
-    if samples.labels is None and reference is None:
+    batches = samples if isinstance(samples, list) else [samples]
+    labelled = all(batch.labels is not None for batch in batches)
+    if not labelled and reference is None:
         raise FskdError("nothing to compare: samples carry no labels and no --reference given")
+    if metric not in METRICS:
+        raise FskdError(f"--metric must be one of {', '.join(METRICS)}, got {metric}")
+    names = [value.name for value in model.graph.output]
+    output = output or names[0]
+    if output not in names:
+        raise FskdError(f"--output {output}: the model has no such output (it has {', '.join(names)})")
     if reference is not None:
         _check_same_interface(model, reference)
+    metric = choose_metric(model, output, metric)
     providers = providers or resolve_providers("auto")
     session = make_session(model, providers)
+    ref_session = make_session(reference, providers) if reference is not None else None
     fixed_batch = _fixed_batch(input_specs(model))
-    output = _first_output(session, samples, batch_size, fixed_batch)
-    agreement = error = None
-    if reference is not None:
-        ref_session = make_session(reference, providers)
-        expected = _first_output(ref_session, samples, batch_size, _fixed_batch(input_specs(reference)))
-        agreement, error = top1_agreement(output, expected), relative_error(output, expected)
+    ours: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    theirs: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    labels = []
+    for batch in batches:
+        values = run_batched(session, batch.arrays, names, batch_size, fixed_batch)
+        expected = None if ref_session is None else run_batched(
+            ref_session, batch.arrays, names, batch_size, _fixed_batch(input_specs(reference)))
+        for name in names:
+            mask = padding_mask(batch.arrays, values[name])
+            ours[name].append(as_rows(values[name], mask))
+            if expected is not None:
+                theirs[name].append(as_rows(expected[name], mask))
+        if labelled:
+            labels.append(label_rows(batch.labels, values[output], padding_mask(batch.arrays, values[output])))
+    selected = _stack(ours[output], output)
+    comparison, per_output = None, {}
+    if ref_session is not None:
+        per_output = {name: {"relative_error": relative_error(_flat(ours[name]), _flat(theirs[name]))}
+                      for name in names}
+        comparison = compare(selected, _stack(theirs[output], output), metric)
     cost = count_costs(model, batch=1)
     return EvalResult(
-        accuracy=None if samples.labels is None else accuracy(output, samples.labels),
-        agreement=agreement,
-        relative_error=error,
+        accuracy=accuracy(selected, np.concatenate(labels)) if labelled else None,
+        agreement=comparison and comparison.agreement,
+        cosine=comparison and comparison.cosine,
+        relative_error=comparison and comparison.relative_error,
+        output=output,
+        metric=metric,
+        outputs=per_output,
         params=cost.params,
         macs=cost.macs // (fixed_batch or 1),
-        latency_ms=latencies(session, samples, fixed_batch, latency_batch or batch_size, repeats),
-        samples=len(samples),
+        latency_ms=latencies(session, batches[0], fixed_batch, latency_batch or batch_size, repeats),
+        samples=sum(len(batch) for batch in batches),
         provider=session_device(session),
     )
 
 
+def _stack(parts: list[np.ndarray], name: str) -> np.ndarray:
+    """One output's rows from all batches; per-sample metrics need the same shape past the first axis."""
+    if len({part.shape[1:] for part in parts}) > 1:
+        raise FskdError(f"output {name} has a different shape in each batch ({', '.join(str(p.shape) for p in parts)})"
+                        f"; agreement needs one shape: pass --output with an output of fixed size, or one .npz")
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _flat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([part.ravel() for part in parts])
+
+
 def _fixed_batch(specs: list[InputSpec]) -> int | None:
     return specs[0].batch_dim if specs else None
-
-
-def _first_output(session: ort.InferenceSession, samples: Samples, batch_size: int,
-                  fixed_batch: int | None) -> np.ndarray:
-    name = session.get_outputs()[0].name
-    return run_batched(session, samples.arrays, [name], batch_size, fixed_batch)[name]
 
 
 def latencies(session: ort.InferenceSession, samples: Samples, fixed_batch: int | None, batch_size: int,
