@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
+
 
 class FskdError(Exception):
     """A failure the user can act on (bad model, bad samples, unwritable output): exit code 1."""
@@ -22,3 +28,22 @@ def as_fskd_error(exc: BaseException) -> FskdError | None:
         where = f"{exc.filename}: " if exc.filename else ""
         return FskdError(f"{where}{exc.strerror or exc or type(exc).__name__}")
     return None
+
+
+def raises_fskd_error(function: F) -> F:
+    """Let ``function`` fail only with FskdError for what as_fskd_error recognises (the Python API's
+    promise; the CLI prints the same message as its one 'error:' line)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except FskdError:
+            raise
+        except Exception as exc:
+            error = as_fskd_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    return wrapper  # type: ignore[return-value]

@@ -340,3 +340,17 @@ def test_integer_samples_for_a_float_model_warn_once(files, tmp_path):
     warnings = [line for line in done.stderr.splitlines() if "integer samples" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "uint8" in warnings[0], done.stderr
     assert "/ 255" in warnings[0]
+
+
+def test_python_api_raises_fskd_error_for_the_same_faults(tmp_path):
+    import onnx_fskd
+
+    ids = {"ids": np.full((8, 5), 50, dtype=np.int64)}
+    with pytest.raises(onnx_fskd.FskdError, match="onnxruntime could not run the model"):
+        onnx_fskd.fit(_token_model(0), _token_model(1), ids)
+    result = onnx_fskd.fit(_token_model(0), _token_model(1), {"ids": np.arange(40).reshape(8, 5) % 10})
+    (tmp_path / "taken.onnx").write_bytes(b"keep")
+    with pytest.raises(onnx_fskd.FskdError, match="exists; pass --force"):
+        result.save(tmp_path / "taken.onnx")
+    assert (tmp_path / "taken.onnx").read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.onnx"]
