@@ -12,6 +12,8 @@ import click
 from onnx_fskd.data import ImageOptions
 from onnx_fskd.errors import FskdError, UsageError, as_fskd_error
 
+from .usage import one_line_usage_errors
+
 
 class ImageSize(click.ParamType):
     """HxW, or one number for square images."""
@@ -98,24 +100,11 @@ def reports_errors(command: Callable) -> Callable:
     return wrapper
 
 
-class _OneLineUsageError(click.UsageError):
-    """Click's usage errors in the tool's own style: one 'error: ...' line, exit code 2."""
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
 class OneLineErrors(click.Command):
     """A command whose argument errors print like its own errors (click's default is three lines)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            if isinstance(exc, _OneLineUsageError):
-                raise
-            hint = f" (see onnx-fskd {ctx.info_name} --help)" if ctx.info_name else ""
-            raise _OneLineUsageError(exc.format_message() + hint, ctx) from None
+        return one_line_usage_errors(ctx, lambda: super(OneLineErrors, self).parse_args(ctx, args))
 
 
 class FiniteFloat(click.ParamType):

@@ -208,6 +208,12 @@ def test_real_process_prints_usage_errors_in_one_line(files, tmp_path):
     assert "--data" in done.stderr
 
 
+@pytest.mark.parametrize("args, fragment", [(["nosuch"], "No such command"), (["--bogus"], "No such option"),
+                                            (["prune", "--ratio", "x"], "not a number")])
+def test_group_and_command_usage_errors_are_one_line(tmp_path, args, fragment):
+    refused(None, tmp_path, 2, fragment, *args)
+
+
 # --- 4. one error line instead of a traceback -----------------------------------------------------
 
 def _token_model(seed: int) -> onnx.ModelProto:
