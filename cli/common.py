@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable
 
 import click
 
 from onnx_fskd.data import ImageOptions
-from onnx_fskd.errors import FskdError, UsageError
+from onnx_fskd.errors import FskdError, UsageError, as_fskd_error
+
+from .usage import one_line_usage_errors
 
 
 class ImageSize(click.ParamType):
@@ -35,9 +38,12 @@ class FloatList(click.ParamType):
         if isinstance(value, tuple):
             return value
         try:
-            return tuple(float(part) for part in str(value).split(","))
+            numbers = tuple(float(part) for part in str(value).split(","))
         except ValueError:
-            self.fail(f"expected comma-separated numbers such as 0.485,0.456,0.406, got {value!r}", param, ctx)
+            numbers = (math.nan,)
+        if not all(math.isfinite(n) for n in numbers):
+            self.fail(f"expected comma-separated finite numbers such as 0.485,0.456,0.406, got {value!r}", param, ctx)
+        return numbers
 
 
 def image_options(command: Callable) -> Callable:
@@ -55,7 +61,7 @@ def image_options(command: Callable) -> Callable:
                      help="Per-channel mean subtracted after scaling (default 0, with a warning)."),
         click.option("--std", type=FloatList(), default=None, metavar="S[,S,...]",
                      help="Per-channel std dividing after the mean (default 1)."),
-        click.option("--scale", type=float, default=None,
+        click.option("--scale", type=FiniteFloat(), default=None,
                      help=f"Pixel multiplier applied first (default 1/255 = {defaults.scale:.6g})."),
         click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=defaults.layout, show_default=True,
                      help="Channel layout of the model's image input."),
@@ -77,14 +83,48 @@ def build_image_options(image_size: tuple[int, int] | None, resize: int | None, 
 
 
 def reports_errors(command: Callable) -> Callable:
-    """Print an FskdError as one 'error: ...' line on stderr and exit 1 (2 for usage errors), no traceback."""
+    """Print an FskdError (or an onnxruntime or OS error) as one 'error: ...' line on stderr and exit 1
+    (2 for usage errors), no traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except FskdError as exc:
-            click.echo(f"error: {exc}", err=True)
-            raise click.exceptions.Exit(2 if isinstance(exc, UsageError) else 1) from None
+        except Exception as exc:
+            error = exc if isinstance(exc, FskdError) else as_fskd_error(exc)
+            if error is None:
+                raise
+            click.echo(f"error: {error}", err=True)
+            raise click.exceptions.Exit(2 if isinstance(error, UsageError) else 1) from None
 
     return wrapper
+
+
+class OneLineErrors(click.Command):
+    """A command whose argument errors print like its own errors (click's default is three lines)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return one_line_usage_errors(ctx, lambda: super(OneLineErrors, self).parse_args(ctx, args))
+
+
+class FiniteFloat(click.ParamType):
+    """A float that must be finite (and, optionally, within bounds): nan or inf would silently turn the
+    computation it feeds into a no-op."""
+
+    name = "float"
+
+    def __init__(self, low: float | None = None, high: float | None = None, high_open: bool = False):
+        self.low, self.high, self.high_open = low, high, high_open
+
+    def convert(self, value, param, ctx) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.low is not None and number < self.low:
+            self.fail(f"{number:g} is below {self.low:g}", param, ctx)
+        if self.high is not None and (number > self.high or (self.high_open and number == self.high)):
+            self.fail(f"{number:g} must be {'below' if self.high_open else 'at most'} {self.high:g}", param, ctx)
+        return number

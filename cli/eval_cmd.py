@@ -10,14 +10,15 @@ from rich.table import Table
 from onnx_fskd.data import input_specs, load_batches
 from onnx_fskd.evaluation import EvalResult, evaluate
 from onnx_fskd.metrics import METRICS
-from onnx_fskd.model_io import check_output_path, load_model
+from onnx_fskd.model_io import load_model
+from onnx_fskd.outputs import OutputSet, protected_files, write_json as write_json_file
 from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES, resolve_providers
 
-from .common import build_image_options, image_options, reports_errors
+from .common import OneLineErrors, build_image_options, image_options, reports_errors
 from .output import human_console, is_stdout, output_options, write_json
 
 
-@click.command("eval")
+@click.command("eval", cls=OneLineErrors)
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
               help="Samples: .npy, .npz (labels under 'labels'), a folder of .npz batches, or a folder of images "
@@ -46,15 +47,20 @@ def eval_command(model_path: Path, data_path: Path, reference_path: Path | None,
                  **image) -> None:
     """Evaluate MODEL.onnx on the --data samples: accuracy (with labels), agreement with --reference,
     parameters, MACs and latency."""
+    outputs = OutputSet(protected_files([model_path, reference_path], [data_path]), force=True)
+    to_file = json_path is not None and not is_stdout(json_path)
+    if to_file:  # checked before the slow part, so a bad path fails at once
+        outputs.claim(json_path, "--json")
     model = load_model(model_path)
     reference = load_model(reference_path) if reference_path else None
-    if json_path and not is_stdout(json_path):  # checked before the slow part, so a bad path fails at once
-        check_output_path(json_path, [model_path, reference_path, data_path], force=True)
     batches = load_batches(data_path, input_specs(model), num_samples, build_image_options(**image))
     result = evaluate(model, batches, reference, resolve_providers(provider), batch_size, output=output_name,
                       metric=metric)
+    if to_file:
+        with outputs.commit_on_success():
+            outputs.stage(json_path, lambda path: write_json_file(result.to_json(), path))
     human_console(data_on_stdout=is_stdout(json_path)).print(_table(result))
-    if json_path:
+    if is_stdout(json_path):
         write_json(result.to_json(), json_path, "results")
 
 

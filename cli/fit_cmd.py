@@ -15,29 +15,30 @@ from onnx_fskd.compare import ModelFigures, model_figures
 from onnx_fskd.compress import CompressResult
 from onnx_fskd.data import input_specs, load_samples
 from onnx_fskd.errors import UsageError
-from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
+from onnx_fskd.model_io import load_model, write_model
+from onnx_fskd.outputs import OutputSet, protected_files, write_json as write_json_file
 from onnx_fskd.pipeline import FitConfig, check_compatible, fit, make_student
 from onnx_fskd.provenance import run_record, stamp_producer
-from onnx_fskd.report import FitReport
+from onnx_fskd.report import HELD_OUT, FitReport, OutputMetrics
 from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES, resolve_providers
 
-from .common import build_image_options, image_options, reports_errors
+from .common import FiniteFloat, OneLineErrors, build_image_options, image_options, reports_errors
 from .output import human_console, is_stdout, output_options, warning_console, write_json
 
 _DEFAULTS = FitConfig()
 
 
-@click.command("fit")
+@click.command("fit", cls=OneLineErrors)
 @click.argument("teacher_path", metavar="TEACHER.onnx", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--student", "student_path", type=click.Path(dir_okay=False, path_type=Path),
               help="The compressed model to recover (pruned or decomposed).")
-@click.option("--prune", "prune_ratio", type=float, default=None,
+@click.option("--prune", "prune_ratio", type=FiniteFloat(), default=None,
               help="Instead of --student: prune this fraction of TEACHER's channels (L1), then recover. "
                    f"With none of --student/--prune/--decompose: --prune {DEFAULT_PRUNE_RATIO}.")
-@click.option("--decompose", "rank_ratio", type=float, default=None,
+@click.option("--decompose", "rank_ratio", type=FiniteFloat(), default=None,
               help="Instead of --student: decompose TEACHER's layers at this rank ratio, then recover.")
 @click.option("--student-out", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --prune/--decompose: also write the unrecovered student here.")
+              help="With --prune/--decompose: also write the unrecovered student here (an existing file needs --force).")
 @click.option("--data", "data_path", type=click.Path(path_type=Path),
               help="Unlabeled samples (a few hundred): .npy, .npz (one array per input), a folder of .npz "
                    "batches or a folder of images.")
@@ -53,10 +54,11 @@ _DEFAULTS = FitConfig()
 @click.option("--solver", type=click.Choice(["q", "full"]), default=_DEFAULTS.solver, show_default=True,
               help="q: the paper's C×C map after each op (fast); full: refit each op's whole weight from its "
                    "input patches (recovers more, statistics cost ~k²·C_in/C_out times q's).")
-@click.option("--ridge", type=click.FloatRange(min=0), default=_DEFAULTS.ridge, show_default=True,
+@click.option("--ridge", type=FiniteFloat(low=0), default=_DEFAULTS.ridge, show_default=True,
               help="Ridge strength relative to the Gram trace; Q is shrunk towards identity.")
-@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=_DEFAULTS.holdout, show_default=True,
-              help="Fraction of samples held out to accept or reject each point's Q.")
+@click.option("--holdout", type=FiniteFloat(0, 1, high_open=True), default=_DEFAULTS.holdout, show_default=True,
+              help="Fraction of samples held out to accept or reject each point's Q (needs >= 2 samples; "
+                   "0 turns the guard off and keeps every correction).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
               help="Batch size for ONNX Runtime (a fixed batch dimension in the model wins).")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
@@ -64,12 +66,13 @@ _DEFAULTS = FitConfig()
 @click.option("--map", "map_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON map of teacher→student points and kept channels (see README), when pairing is ambiguous.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
-              help="Also write the fit report as JSON ('-': to stdout, the tables then go to stderr).")
+              help="Also write the fit report as JSON ('-': to stdout, the tables then go to stderr; an existing "
+                   "file needs --force).")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
               help="Seed of the held-out split (recorded in the report).")
 @click.option("--keep-map", is_flag=True,
               help="Keep the internal onnx_fskd.map channel map in the recovered model's metadata.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files (-o, --report, --student-out).")
 @image_options
 @output_options
 @reports_errors
@@ -93,12 +96,13 @@ def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: floa
         raise UsageError(NO_DATA_MESSAGE)
     if student_out is not None and student_path is not None:
         raise UsageError("--student-out goes with --prune or --decompose")
+    output_option = "-o" if output_path is not None else "output"
     output_path = options["output_path"] = output_path or default_output_path(teacher_path)
-    inputs = [teacher_path, student_path, data_path]
-    check_output_path(output_path, inputs, force)
-    for extra in (student_out, None if is_stdout(report_path) else report_path):
-        if extra:
-            check_output_path(extra, inputs + [output_path], force=force or extra == report_path)
+    outputs = OutputSet(protected_files([teacher_path, student_path], [data_path, map_path]), force)
+    outputs.claim(output_path, output_option)
+    for option, extra in (("--student-out", student_out), ("--report", None if is_stdout(report_path) else report_path)):
+        if extra is not None:
+            outputs.claim(extra, option)
     teacher = load_model(teacher_path)
     compressed = None
     if student_path is not None:
@@ -116,17 +120,20 @@ def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: floa
         tasks = {"points": bar.add_task("points", total=None), "samples": bar.add_task("samples", total=None)}
         result = fit(teacher, student, samples, config, str(map_path) if map_path else None,
                      progress=lambda stage, done, total: bar.update(tasks[stage], completed=done, total=total))
-    save_model_atomic(finish_recovered(result.model, keep_map), output_path, like=student)
-    if student_out:
-        save_model_atomic(stamp_producer(student), student_out, like=teacher)
     figures = None
     if compressed is not None:
         figures = model_figures({"teacher": teacher, "student": student, "recovered": result.model}, samples,
                                 resolve_providers(provider), batch_size)
     result.report.run = run_record(options, seed, {"teacher": teacher_path, "student": student_path,
                                                    "data": data_path, "map": map_path})
-    if report_path:
-        document = result.report.to_json() | ({"costs": [asdict(f) for f in figures]} if figures else {})
+    document = result.report.to_json() | ({"costs": [asdict(f) for f in figures]} if figures else {})
+    with outputs.commit_on_success():
+        outputs.stage(output_path, lambda path: write_model(finish_recovered(result.model, keep_map), path, like=student))
+        if student_out:
+            outputs.stage(student_out, lambda path: write_model(stamp_producer(student), path, like=teacher))
+        if report_path and not is_stdout(report_path):
+            outputs.stage(report_path, lambda path: write_json_file(document, path))
+    if is_stdout(report_path):
         write_json(document, report_path, "report")
     console = human_console(data_on_stdout=is_stdout(report_path))
     _print_report(console, result.report, output_path)
@@ -150,9 +157,11 @@ def _print_compression(console: Console, compressed: CompressResult, figures: li
 
 
 def _print_report(console: Console, report: FitReport, output_path: Path) -> None:
+    held_out = report.measured_on == HELD_OUT
     table = Table(title=f"FSKD fit ({report.mode}, solver {report.solver}, {report.samples_fit} fit + "
                         f"{report.samples_heldout} held-out samples, {report.provider})")
-    for column in ("point", "op", "channels", "rows", "target", "map", "solver", "held-out error", "status"):
+    error_column = "held-out error" if held_out else "error (in-sample)"
+    for column in ("point", "op", "channels", "rows", "target", "map", "solver", error_column, "status"):
         table.add_column(column, overflow="fold")
     for p in report.points:
         channels = f"{p.channels}/{p.teacher_channels}" if p.channels != p.teacher_channels else str(p.channels)
@@ -161,17 +170,29 @@ def _print_report(console: Console, report: FitReport, output_path: Path) -> Non
                       "[green]kept[/]" if p.status == "kept" else "[yellow]rejected[/]")
     console.print(table)
     for skipped in report.skipped:
-        console.print(f"skipped {skipped['node']}: {skipped['reason']}")
+        console.print(f"skipped {skipped['node']}: {skipped['reason']}", markup=False, highlight=False)
     if report.rejected:
         console.print(f"guard rejected {len(report.rejected)} point(s): {', '.join(report.rejected)}")
-    b, a = report.before, report.after
-    similarity = (f"cosine similarity {b.cosine:.4f} → {a.cosine:.4f}" if a.metric == "cosine"
-                  else f"top-1 agreement {b.agreement:.2%} → {a.agreement:.2%}")
-    console.print(f"output vs teacher (held-out): relative error {b.relative_error:.4f} → {a.relative_error:.4f}, "
-                  + similarity)
+    b, a, w = report.before, report.after, report.written_in_sample
+    if held_out:
+        console.print(f"output vs teacher, held-out ({report.samples_heldout} samples no correction was fitted on): "
+                      f"relative error {b.relative_error:.4f} → {a.relative_error:.4f}, {_similarity(b, a)}")
+        console.print(f"written model, in-sample (its kept corrections were refitted on all "
+                      f"{report.samples_fit + report.samples_heldout} samples, these included): relative error "
+                      f"{w.relative_error:.4f}, {_similarity(w)}")
+    else:
+        console.print(f"output vs teacher, in-sample (nothing held out; the fit samples): relative error "
+                      f"{b.relative_error:.4f} → {a.relative_error:.4f}, {_similarity(b, a)}")
     consistency = "" if report.consistency is None else f", consistency {report.consistency:.1e}"
     console.print(f"merge exactness {report.exactness:.1e}{consistency}; time "
                   + ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
     for warning in report.warnings:
         warning_console().print(f"warning: {warning}", markup=False, highlight=False)
     console.print(f"wrote {output_path}")
+
+
+def _similarity(*metrics: OutputMetrics) -> str:
+    """'top-1 agreement 5.00% → 100.00%' (or cosine similarity for embeddings), for one or two models."""
+    if metrics[-1].metric == "cosine":
+        return "cosine similarity " + " → ".join(f"{m.cosine:.4f}" for m in metrics)
+    return "top-1 agreement " + " → ".join(f"{m.agreement:.2%}" for m in metrics)

@@ -12,6 +12,8 @@ import click
 
 from onnx_fskd import NO_ONNXRUNTIME, __version__
 
+from .usage import one_line_usage_errors
+
 # name → (module, attribute, one-line help shown by `onnx-fskd --help` without importing the module;
 # tests/test_packaging.py checks each line against the command's own docstring).
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -42,9 +44,12 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl([(name, short) for name, (_, _, short) in COMMANDS.items()])
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return one_line_usage_errors(ctx, lambda: super(LazyGroup, self).parse_args(ctx, args))
+
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            return one_line_usage_errors(ctx, lambda: super(LazyGroup, self).invoke(ctx))
         except ModuleNotFoundError as exc:
             if exc.name != "onnxruntime":
                 raise

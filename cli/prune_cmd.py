@@ -10,16 +10,18 @@ from rich.table import Table
 from onnx_fskd.compress import CompressResult, prune_model
 from onnx_fskd.compress.prune import check_prune_options
 from onnx_fskd.compress.summary import summarize
-from onnx_fskd.model_io import check_output_path, load_model, save_model_atomic
+from onnx_fskd.model_io import load_model, write_model
+from onnx_fskd.normalize import folded_node_count
+from onnx_fskd.outputs import OutputSet, protected_files
 from onnx_fskd.provenance import stamp_producer
 
-from .common import reports_errors
+from .common import FiniteFloat, OneLineErrors, reports_errors
 from .output import human_console, output_options
 
 
-@click.command("prune")
+@click.command("prune", cls=OneLineErrors)
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--ratio", type=float, required=True, help="Fraction of output channels to remove, in [0, 1).")
+@click.option("--ratio", type=FiniteFloat(), required=True, help="Fraction of output channels to remove, in [0, 1).")
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the pruned student.")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "bn", "random"]), default="l1", show_default=True,
@@ -40,16 +42,21 @@ def prune_command(model_path: Path, ratio: float, output_path: Path, criterion: 
     reads them), keep node names, inputs and outputs, and write -o with the teacher→student map that
     `onnx-fskd fit` uses."""
     check_prune_options(ratio, criterion, exclude, round_to)
-    check_output_path(output_path, [model_path], force)
+    outputs = OutputSet(protected_files([model_path]), force)
+    outputs.claim(output_path, "-o")
     model = load_model(model_path)
+    folded = folded_node_count(model)
     result = prune_model(model, ratio, criterion=criterion, global_=global_, exclude=exclude, round_to=round_to,
                          prune_residual=prune_residual, seed=seed)
-    save_model_atomic(stamp_producer(result.model), output_path, like=model)
-    print_summary(model, result, "pruning", "channels in→out", output_path)
+    with outputs.commit_on_success():
+        outputs.stage(output_path, lambda path: write_model(stamp_producer(result.model), path, like=model))
+    print_summary(model, result, "pruning", "channels in→out", output_path, folded)
 
 
-def print_summary(teacher, result: CompressResult, title: str, change_label: str, output_path: Path) -> None:
-    """The per-layer table (before → after), the totals, and the notes on skipped layers."""
+def print_summary(teacher, result: CompressResult, title: str, change_label: str, output_path: Path,
+                  folded: int = 0) -> None:
+    """The per-layer table (before → after), the totals, the notes on skipped layers, and how many
+    constant-computing nodes the written graph no longer has (compression rebuilds the folded graph)."""
     rows, total = summarize(teacher, result)
     table = Table(title=title)
     for column in ("layer", "op", f"{change_label} before", "after", "params", "MACs"):
@@ -62,6 +69,10 @@ def print_summary(teacher, result: CompressResult, title: str, change_label: str
     console.print(table)
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
+    if folded:
+        console.print(f"note: {output_path} has {folded} fewer nodes than the input besides the compression: its "
+                      f"constant sub-graphs (Constant, Identity of weights, static Shape arithmetic) are folded into "
+                      f"initializers, which is what compression rewrites", markup=False, highlight=False)
     console.print(f"wrote {output_path} (map of {len(result.entries)} points in its metadata)")
 
 

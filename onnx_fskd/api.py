@@ -20,9 +20,10 @@ from . import pipeline
 from .compress import decompose_model, prune_model
 from .compress.decompose import check_decompose_options
 from .data import DataSource, ImageOptions, batches_from, input_specs, samples_from
-from .errors import FskdError, UsageError
+from .errors import FskdError, UsageError, raises_fskd_error
 from .evaluation import evaluate as _evaluate
-from .model_io import check_output_path, load_model, save_model_atomic
+from .model_io import load_model, write_model
+from .outputs import OutputSet
 from .provenance import drop_channel_map, run_record, stamp_producer
 from .runtime import DEFAULT_BATCH, resolve_providers
 
@@ -44,16 +45,20 @@ class FitResult:
     report: dict
     _like: onnx.ModelProto = field(repr=False)  # IR version and opsets the written file keeps
 
+    @raises_fskd_error
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write atomically; an existing file needs ``force``, as on the command line."""
-        path = check_output_path(path, [], force)
-        save_model_atomic(self.model, path, like=self._like)
+        outputs = OutputSet(protected=[], force=force)
+        path = outputs.claim(path, "path")
+        with outputs.commit_on_success():
+            outputs.stage(path, lambda staged: write_model(self.model, staged, like=self._like))
         return path
 
 
 _DEFAULTS = pipeline.FitConfig()
 
 
+@raises_fskd_error
 def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSource | None = None, *,
         prune: float | None = None, decompose: float | None = None, solver: str = _DEFAULTS.solver,
         mode: str = _DEFAULTS.mode, points: str = _DEFAULTS.points,
@@ -86,6 +91,7 @@ def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSour
     return FitResult(model, result.report.to_json(), student_model)
 
 
+@raises_fskd_error
 def prune(model: ModelSource, ratio: float = DEFAULT_PRUNE_RATIO, *, criterion: str = "l1", global_: bool = False,
           exclude: str | None = None, round_to: int = 1, prune_residual: bool = False,
           seed: int = 0) -> onnx.ModelProto:
@@ -95,6 +101,7 @@ def prune(model: ModelSource, ratio: float = DEFAULT_PRUNE_RATIO, *, criterion: 
     return stamp_producer(result.model)
 
 
+@raises_fskd_error
 def decompose(model: ModelSource, rank_ratio: float | None = None, *, method: str = "auto",
               energy: float | None = None, keep_ends: bool = True) -> onnx.ModelProto:
     """A low-rank student with the map ``fit`` reads (options as `onnx-fskd decompose`'s)."""
@@ -103,6 +110,7 @@ def decompose(model: ModelSource, rank_ratio: float | None = None, *, method: st
                                           keep_ends=keep_ends).model)
 
 
+@raises_fskd_error
 def evaluate(model: ModelSource, data: DataSource, reference: ModelSource | None = None, *,
              provider: str = "auto", batch_size: int = DEFAULT_BATCH, num_samples: int | None = None,
              images: ImageOptions | None = None, output: str | None = None, metric: str = "auto") -> dict:

@@ -42,12 +42,15 @@ Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 class PointFit:
     """The outcome at one point: the weights to merge (None if rejected), the explicit adapter when the
     Q solver was used, and ``correct(allocate)``, which computes the point's corrected output for the
-    next points (sequential mode only; the caller drops it afterwards, with the activations it holds)."""
+    next points (sequential mode only; the caller drops it afterwards, with the activations it holds).
+    ``judged`` is the candidate the guard scored, fitted on the fit samples only: the kept ``update`` is
+    refitted on all samples, so only ``judged`` has an honest held-out error."""
 
     update: WeightUpdate | None
     adapter: Adapter | None
     correct: Callable[[Allocate], np.ndarray] | None
     report: PointReport
+    judged: WeightUpdate | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ def fit_adapter(pair: PointPair, graph: GraphIndex, y: np.ndarray, target: np.nd
         return PointFit(None, None, None, report)
     final = mergeable(solve_adapter(stats[0] + stats[1], settings.ridge, fit_bias), s)
     return PointFit(adapter_update(s, graph, final), final,
-                    lambda allocate: final.apply(y, axis, allocate(y.shape, y.dtype)), report)
+                    lambda allocate: final.apply(y, axis, allocate(y.shape, y.dtype)), report,
+                    adapter_update(s, graph, candidate))
 
 
 def fit_weights(pair: PointPair, graph: GraphIndex, x: np.ndarray, y: np.ndarray, target: np.ndarray,
@@ -132,8 +136,10 @@ def fit_weights(pair: PointPair, graph: GraphIndex, x: np.ndarray, y: np.ndarray
     if not kept:
         return PointFit(None, None, None, report)
     final = solve_weights(stats[0] + stats[1], current, settings.ridge, slot is not None)
-    new_weight = (final[:-1] / scale_after[None, :]).T.reshape(weight.shape)
-    new_shift = (final[-1] - offset) / scale_after if slot else None
+
+    def update_from(solution: np.ndarray) -> WeightUpdate:
+        return WeightUpdate((solution[:-1] / scale_after[None, :]).T.reshape(weight.shape),
+                            (solution[-1] - offset) / scale_after if slot else None)
 
     def correct(allocate: Allocate) -> np.ndarray:
         corrected = allocate(y.shape, y.dtype)
@@ -145,4 +151,4 @@ def fit_weights(pair: PointPair, graph: GraphIndex, x: np.ndarray, y: np.ndarray
             moved[window] = predicted.reshape(moved[window].shape)
         return corrected
 
-    return PointFit(WeightUpdate(new_weight, new_shift), None, correct, report)
+    return PointFit(update_from(final), None, correct, report, update_from(candidate))

@@ -320,6 +320,7 @@ def validate_samples(samples: Samples, specs: list[InputSpec], source: str) -> S
     """Check count, shapes, dtypes and finiteness; cast floats to the model's float type."""
     checked = {}
     count = None
+    cast: list[str] = []
     for spec in specs:
         array = np.asarray(samples.arrays[spec.name])
         if array.ndim == 0 or len(array) == 0:
@@ -339,16 +340,37 @@ def validate_samples(samples: Samples, specs: list[InputSpec], source: str) -> S
                 raise FskdError(f"{source}: input {spec.name} expects {spec.dtype}, samples are {array.dtype}")
             if not np.isfinite(array).all():
                 raise FskdError(f"{source}: input {spec.name} contains NaN or Inf")
+            if np.issubdtype(array.dtype, np.integer):
+                cast.append(f"{spec.name} ({array.dtype} → {spec.dtype}, values {array.min()}..{array.max()})")
             array = array.astype(spec.dtype, copy=False)
         elif array.dtype != spec.dtype:
             if not (np.issubdtype(spec.dtype, np.integer) and np.issubdtype(array.dtype, np.integer)):
                 raise FskdError(f"{source}: input {spec.name} expects {spec.dtype}, samples are {array.dtype}")
             array = array.astype(spec.dtype)
         checked[spec.name] = np.ascontiguousarray(array)
-    labels = samples.labels
+    if cast:  # raw 0–255 pixels fed to a network that expects normalised floats is a classic mistake
+        log.warning("%s: integer samples cast to the model's float input as they are: %s; if the model expects "
+                    "normalised values, save the samples normalised (e.g. x / 255, then the model's mean and std), "
+                    "or give a folder of images with --scale/--mean/--std", source, "; ".join(cast))
+    labels = None if samples.labels is None else class_labels(np.asarray(samples.labels), source)
     if labels is not None and len(labels) != count:
         raise FskdError(f"{source}: {len(labels)} labels for {count} samples")
     return Samples(checked, labels)
+
+
+def class_labels(labels: np.ndarray, source: str) -> np.ndarray:
+    """Integer class ids: (N,), (N, 1) and one-hot (N, classes) become (N,); other (N, T) integer labels
+    (one per position of a rank-3 output) stay as they are."""
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    elif labels.ndim == 2 and np.isin(labels, (0, 1)).all() and (labels.sum(axis=1) == 1).all():
+        labels = labels.argmax(axis=1)
+    integral = np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and (labels == np.round(labels)).all())
+    if labels.ndim not in (1, 2) or not integral:
+        raise FskdError(f"{source}: labels of shape {labels.shape} ({labels.dtype}) are neither class ids (N,) or "
+                        f"(N, 1), nor one-hot (N, classes), nor one integer id per position (N, T)")
+    return labels.astype(np.int64)
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:

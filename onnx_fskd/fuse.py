@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
+from .errors import FskdError
 from .graph import GraphIndex, fresh_name
 from .points import AffineStep, CorrectionPoint
 from .solve import Adapter
@@ -76,33 +77,85 @@ def mergeable(adapter: Adapter, point: CorrectionPoint) -> Adapter:
 
 
 class ModelWriter:
-    """Collects initializer updates for one model and applies them in place, preserving node order
-    and names. Editing TensorProtos directly (rather than re-exporting through onnx-graphsurgeon)
-    is what keeps the written graph byte-for-byte the student's apart from the weights."""
+    """Writes point updates in place into ``model``, the model that is written out. The points were found
+    in ``analysed`` (the folded copy normalize.py reads; by default the model itself), so each of their
+    tensors is traced back to what holds it in ``model``: an initializer, or a Constant node's ``value``,
+    through any Identity nodes. Nodes, names, order and attributes stay as they were; the only addition
+    is a new bias initializer (and input) for an op that had none."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, analysed: GraphIndex | None = None):
         self.model = model
-        self.graph = GraphIndex(model)
-        self.uses = {name: len(self.graph.consumers.get(name, [])) for name in self.graph.initializers}
-        self.taken = set(self.graph.initializers) | set(self.graph.producer) | set(self.graph.graph_inputs)
+        self.target = GraphIndex(model)
+        self.graph = analysed if analysed is not None else self.target
+        self.taken = set(self.target.initializers) | set(self.target.producer) | set(self.target.graph_inputs)
 
     def set_input(self, node: onnx.NodeProto, slot: int, value: np.ndarray, like_dtype: np.dtype) -> None:
-        """Write ``value`` as the node's input ``slot``; a shared or missing initializer gets a new one."""
-        value = value.astype(like_dtype)
+        """Write ``value`` as the node's input ``slot``: in place where it is held, or as a new bias."""
+        node = self.target.node_by_name[node.name]
         current = node.input[slot] if len(node.input) > slot else ""
-        if current and self.uses.get(current, 0) == 1:
-            tensor = self.graph.initializers[current]
-            tensor.CopyFrom(numpy_helper.from_array(value, current))
+        if not current:
+            name = fresh_name(f"{node.name}/fskd_bias{slot}", self.taken)
+            self.model.graph.initializer.append(numpy_helper.from_array(value.astype(like_dtype), name))
+            while len(node.input) <= slot:
+                node.input.append("")
+            node.input[slot] = name
             return
-        name = fresh_name(f"{node.name}/fskd_{'bias' if slot >= 2 else 'param'}{slot}", self.taken)
-        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
-        self.graph.initializers[name] = self.model.graph.initializer[-1]
-        self.uses[name] = 1
-        if current:
-            self.uses[current] -= 1
-        while len(node.input) <= slot:
-            node.input.append("")
-        node.input[slot] = name
+        holder = tensor_holder(self.target, current)
+        if holder is None:  # _analyse skips such points (unwritable_reason), so this is a bug
+            raise FskdError(f"internal: input {current!r} of {node.name} cannot be written in place")
+        dtype = helper.tensor_dtype_to_np_dtype(holder.data_type)
+        holder.CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=dtype), holder.name))
+
+
+def tensor_holder(graph: GraphIndex, name: str) -> onnx.TensorProto | None:
+    """The TensorProto that holds tensor ``name`` and is read by one consumer only (through Identity
+    nodes): an initializer or a Constant node's ``value``. None where writing it would change another
+    node too (a shared weight), or where the tensor is computed at run time."""
+    while graph.consumer_count(name) == 1:
+        if name in graph.initializers:
+            return graph.initializers[name]
+        producer = graph.producer.get(name)
+        if producer is None:
+            return None
+        if producer.op_type == "Identity":
+            name = producer.input[0]
+            continue
+        if producer.op_type == "Constant":
+            value = [a for a in producer.attribute if a.name == "value"]
+            return value[0].t if value and not value[0].t.data_location else None
+        return None
+    return None
+
+
+def written_inputs(point: CorrectionPoint, graph: GraphIndex) -> list[tuple[str, int]]:
+    """The (node, input slot) pairs the merge rewrites for this point, existing tensors only."""
+    node = graph.node_by_name[point.name]
+    written = [(point.name, 1)]
+    slot = bias_slot(point, graph)
+    if slot is None:
+        return written
+    if slot.step < 0:
+        index = point.op.bias_slot(node)
+        if len(node.input) > index and node.input[index]:
+            written.append((point.name, index))
+        return written
+    step = point.chain[slot.step]
+    chain_node = graph.node_by_name[step.node]
+    if step.op_type == "BatchNormalization":
+        return written + [(step.node, 2)]
+    return written + [(step.node, 1 if graph.is_constant(chain_node.input[1]) else 0)]
+
+
+def unwritable_reason(point: CorrectionPoint, analysed: GraphIndex, target: GraphIndex) -> str | None:
+    """Why this point's merge cannot be written into ``target`` in place (None when it can)."""
+    for node_name, slot in written_inputs(point, analysed):
+        node = target.node_by_name.get(node_name)
+        if node is None:
+            return f"{node_name} is not a node of the model as loaded"
+        if tensor_holder(target, node.input[slot]) is None:
+            return (f"input {node.input[slot]!r} of {node_name} is shared with other nodes or computed at run "
+                    f"time; rewriting it would change more than this op")
+    return None
 
 
 @dataclass(frozen=True, eq=False)

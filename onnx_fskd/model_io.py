@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
+from onnx import external_data_helper
 
-from .errors import FskdError, UsageError
+from .errors import FskdError
 from .shapes import weightless_copy
 
 # Protobuf refuses to serialise a single message above 2 GiB; larger models must use external data.
@@ -40,47 +39,38 @@ def check(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(model if model.ByteSize() < _PROTOBUF_LIMIT else weightless_copy(model))
 
 
-def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> Path:
-    """Refuse to overwrite an input or an existing file (without force), or to write into a missing folder."""
-    out = Path(out)
-    for src in inputs:
-        if src is not None and out.resolve() == Path(src).resolve():
-            raise UsageError(f"output {out} is the same file as input {src}; choose another -o")
-    if out.exists() and not force:
-        raise UsageError(f"output {out} exists; pass --force to overwrite it")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise FskdError(f"cannot write {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise FskdError(f"cannot write {out}: folder {parent} is not writable")
-    return out
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external-data files an ONNX model file references (none for anything unreadable)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model (samples, a map): nothing more to protect
+        return []
+    locations = {info.value for tensor in external_data_helper._get_all_tensors(model)
+                 if external_data_helper.uses_external_data(tensor)
+                 for info in tensor.external_data if info.key == "location"}
+    return [path.parent / location for location in sorted(locations)]
 
 
-def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, like: onnx.ModelProto | None = None) -> None:
-    """Write into a temporary folder beside the target, then rename, so a failure never leaves half a model.
+def write_model(model: onnx.ModelProto, path: Path, like: onnx.ModelProto | None = None) -> list[Path]:
+    """Write binary protobuf (whatever the extension: onnx would write text for .json or .txt), with
+    external data beside it above protobuf's 2 GiB limit. Returns the files written.
 
     ``like`` is the model whose IR version and opsets the output must keep (onnx 1.23 would otherwise
-    stamp IR 14, which current onnxruntime refuses).
-    """
-    out = Path(out)
+    stamp IR 14, which current onnxruntime refuses)."""
     if like is not None:
         opsets = [onnx.helper.make_opsetid(o.domain, o.version) for o in like.opset_import]
         model.ir_version = like.ir_version
         del model.opset_import[:]
         model.opset_import.extend(opsets)
-    external = model.ByteSize() > _PROTOBUF_LIMIT
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=str(out.resolve().parent)))
-    try:
-        staged = staging / out.name
-        if external:
-            data_name = f"{out.name}.data"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # saving as external data strips the weights from the proto it is given
-            onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(staging / data_name, out.parent / data_name)
-        else:
-            onnx.save_model(model, str(staged))
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if model.ByteSize() <= _PROTOBUF_LIMIT:
+        onnx.save_model(model, str(path), format="protobuf")
+        return [path]
+    data_name = f"{path.name}.data"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # saving as external data strips the weights from the proto it is given
+    onnx.save_model(copy, str(path), format="protobuf", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    return [path, path.parent / data_name]

@@ -59,20 +59,49 @@ def read_map(path: str | Path | None, student: onnx.ModelProto) -> tuple[list[Ma
         return parse_map(document, str(path)), "map"
     for prop in student.metadata_props:
         if prop.key == MAP_METADATA_KEY:
-            return parse_map(json.loads(prop.value), "student metadata"), "metadata"
+            source = f"the student's {MAP_METADATA_KEY} metadata"
+            try:
+                document = json.loads(prop.value)
+            except ValueError as exc:
+                raise FskdError(f"{source} is not valid JSON ({exc}); fix it, or pass --map MAP.json, "
+                                f"which takes precedence") from None
+            return parse_map(document, source), "metadata"
     return None
 
 
 def parse_map(document: dict, source: str) -> list[MapEntry]:
+    """The map's entries; FskdError for anything but the documented schema (see README)."""
     if not isinstance(document, dict) or not isinstance(document.get("points"), list):
-        raise FskdError(f"{source}: a map is a JSON object with a 'points' list")
+        raise FskdError(f"{source}: a map is a JSON object with a 'points' list (see README, 'The channel map')")
+    if document.get("format", MAP_FORMAT) != MAP_FORMAT or document.get("version", 1) != 1:
+        raise FskdError(f"{source}: unknown map format {document.get('format')!r} version {document.get('version')!r}; "
+                        f"expected {MAP_FORMAT!r} version 1")
     entries = []
-    for item in document["points"]:
-        if not isinstance(item, dict) or "teacher" not in item or "student" not in item:
-            raise FskdError(f"{source}: each map point needs 'teacher' and 'student' node names")
+    for index, item in enumerate(document["points"]):
+        if not (isinstance(item, dict) and isinstance(item.get("teacher"), str) and isinstance(item.get("student"), str)):
+            raise FskdError(f"{source}: point {index} needs 'teacher' and 'student' node names (strings)")
         kept = item.get("kept")
-        entries.append(MapEntry(str(item["teacher"]), str(item["student"]), None if kept is None else tuple(int(k) for k in kept)))
+        if kept is not None and not (isinstance(kept, list)
+                                     and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in kept)
+                                     and len(set(kept)) == len(kept) and kept):
+            raise FskdError(f"{source}: 'kept' of point {item['student']!r} must be null or a non-empty list of "
+                            f"distinct non-negative integers (teacher channel indices), got {kept!r}")
+        entries.append(MapEntry(item["teacher"], item["student"], None if kept is None else tuple(kept)))
     return entries
+
+
+def _check_entry(entry: MapEntry, teacher: CorrectionPoint, student: CorrectionPoint, source: str) -> None:
+    """A map may pair only ops of one kind and output rank, with kept channels in the teacher's range."""
+    where = f"{source}: point {entry.student!r} ← {entry.teacher!r}"
+    if (teacher.op_type, teacher.rank) != (student.op_type, student.rank):
+        raise FskdError(f"{where} pairs a {student.op_type} (rank-{student.rank} output) with a {teacher.op_type} "
+                        f"(rank {teacher.rank}); a map pairs ops of the same kind")
+    if entry.kept is None and student.channels != teacher.channels:
+        raise FskdError(f"{where}: 'kept' is null (same channels) but the student has {student.channels} channels "
+                        f"and the teacher {teacher.channels}; list the teacher channels the student kept")
+    if entry.kept is not None and (len(entry.kept) != student.channels or max(entry.kept) >= teacher.channels):
+        raise FskdError(f"{where}: 'kept' lists {len(entry.kept)} channels up to {max(entry.kept)}, but the student "
+                        f"has {student.channels} channels and the teacher {teacher.channels}")
 
 
 def map_document(entries: list[MapEntry]) -> dict:
@@ -95,6 +124,7 @@ def pair_points(teacher: list[CorrectionPoint], student: list[CorrectionPoint],
                 raise FskdError(f"{source}: teacher node {entry.teacher!r} is not a correction point of the teacher")
             if entry.student not in student_by_name:
                 raise FskdError(f"{source}: student node {entry.student!r} is not a correction point of the student")
+            _check_entry(entry, teacher_by_name[entry.teacher], student_by_name[entry.student], source)
             kept = None if entry.kept is None else np.asarray(entry.kept, dtype=np.int64)
             pairs.append(PointPair(teacher_by_name[entry.teacher], student_by_name[entry.student], source, kept))
         order = {p.name: i for i, p in enumerate(student)}

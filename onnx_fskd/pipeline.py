@@ -4,6 +4,7 @@ merge → verify. The CLI and the tests call ``fit``; writing the result is the 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,13 +17,13 @@ from .errors import FskdError
 from .compress import CompressResult, decompose_model, prune_model
 from .compress.prune import check_prune_options
 from .correct import FitSettings, PointFit, Rows, fit_adapter, fit_weights
-from .fuse import ModelWriter, write_update
+from .fuse import ModelWriter, WeightUpdate, unwritable_reason, write_update
 from .graph import GraphIndex
 from .metrics import choose_metric, compare, padding_mask, relative_error
-from .normalize import normalise
+from .normalize import Normalised, normalise, normalise_for_merge
 from .pairing import ChannelMapper, PointPair, match_activations, pair_points, read_map
 from .points import CorrectionPoint, find_points
-from .report import FitReport, OutputMetrics
+from .report import HELD_OUT, IN_SAMPLE, FitReport, OutputMetrics
 from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
 from .segments import SegmentRunner
 from .solve import Adapter
@@ -58,10 +59,12 @@ class FitResult:
 
 @dataclass
 class _Plan:
-    """What the analysis decided: the normalised models, their indexes, and the pairs in fit order."""
+    """What the analysis decided: the folded models it read, the student as loaded (what the merge writes
+    into), their indexes, and the pairs in fit order."""
 
     teacher: onnx.ModelProto
     student: onnx.ModelProto
+    student_loaded: Normalised
     t_graph: GraphIndex
     s_graph: GraphIndex
     pairs: list[PointPair]
@@ -94,14 +97,10 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
     providers = resolve_providers(config.provider)
     fitted = _fit_points(plan, samples, rows, config, providers, report, progress)
     clock.lap("fit")
-    merged = _copy(plan.student)
-    writer = ModelWriter(merged)
-    for point, point_fit in fitted.fits:
-        write_update(writer, point, point_fit.update)
+    merged = _merged(plan, [(p, f.update) for p, f in fitted.fits])
+    judged = _merged(plan, [(p, f.judged) for p, f in fitted.fits]) if len(held_index) else None
     clock.lap("merge")
-    verify_rows = rows.held if len(held_index) else rows.fit
-    _verify(plan.student, merged, fitted, {k: v[verify_rows] for k, v in samples.arrays.items()}, verify_rows,
-            config, providers, report)
+    _verify(plan.student, merged, judged, fitted, samples, rows, config, providers, report)
     clock.lap("verify")
     report.seconds = clock.laps
     return FitResult(merged, report, {p.name: f.adapter for p, f in fitted.fits if f.adapter is not None})
@@ -109,11 +108,19 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
 
 def _analyse(teacher: onnx.ModelProto, student: onnx.ModelProto, config: FitConfig, map_path: str | None) -> _Plan:
     """Normalise both models, find their points and pair them, in the order the points will be fitted."""
-    teacher, student = normalise(teacher), normalise(student)
     check_compatible(teacher, student)
+    loaded = normalise_for_merge(student)
+    teacher, student = normalise(teacher), loaded.folded
     t_graph, s_graph = GraphIndex(teacher), GraphIndex(student)
     t_points, s_points = find_points(t_graph), find_points(s_graph)
     pairs = pair_points(t_points.points, s_points.points, read_map(map_path, student))
+    skipped = list(s_points.skipped)
+    target = GraphIndex(loaded.original)
+    for pair in list(pairs):
+        reason = unwritable_reason(pair.student, s_graph, target)
+        if reason is not None:
+            pairs.remove(pair)
+            skipped.append((pair.student.name, reason))
     if config.points == "block-ends":
         pairs = [p for p in pairs if p.student.block_end]
     if not pairs:
@@ -121,7 +128,7 @@ def _analyse(teacher: onnx.ModelProto, student: onnx.ModelProto, config: FitConf
                         "that pairs with the teacher")
     order = fit_order(s_graph)
     pairs.sort(key=lambda p: order[s_graph.producer[p.student.output].name])
-    return _Plan(teacher, student, t_graph, s_graph, pairs, s_points.skipped)
+    return _Plan(teacher, student, loaded, t_graph, s_graph, pairs, skipped)
 
 
 def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, providers: list[str],
@@ -182,41 +189,59 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
     return _Fitted(fits, t_run.compute([out_name])[out_name], s_run.compute([out_name])[out_name])
 
 
-def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, fitted: _Fitted, held: dict[str, np.ndarray],
-            verify_rows: slice, config: FitConfig, providers: list[str], report: FitReport) -> None:
-    """Check the merge (checker, exactness against explicit Q nodes, consistency with the fit's own
-    activations) and measure the output against the teacher before and after, on held-out samples."""
+def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, judged: onnx.ModelProto | None, fitted: _Fitted,
+            samples: Samples, rows: Rows, config: FitConfig, providers: list[str], report: FitReport) -> None:
+    """Check the written model (checker, exactness against explicit Q nodes, consistency with the fit's own
+    activations) and measure outputs against the teacher on the held-out samples: the student and ``judged``
+    (the guard's candidates, fitted without them), and the written model, whose kept corrections were
+    refitted on those samples too (in-sample, labelled so). Without held-out samples, all on the fit samples."""
     check_model(merged)
     fixed_batch = input_specs(student)[0].batch_dim
     out_name = student.graph.output[0].name
     student_session, merged_session = (make_session(m, providers) for m in (student, merged))
     report.exactness = exactness(merged_session, _explicit_reference(student, fitted.fits),
-                                 {k: v[:config.verify_samples] for k, v in held.items()},
+                                 {k: v[:config.verify_samples] for k, v in samples.arrays.items()},
                                  providers, config.batch_size, fixed_batch)
     if report.exactness > EXACTNESS_TOLERANCE:
         raise FskdError(f"internal: merged model differs from the explicit-Q model by {report.exactness:.2e} "
                         f"(> {EXACTNESS_TOLERANCE}); nothing written")
+    verify_rows = rows.held if judged is not None else rows.fit
+    feeds = {k: v[verify_rows] for k, v in samples.arrays.items()}
+    run = lambda model_session: run_batched(model_session, feeds, [out_name], config.batch_size, fixed_batch)[out_name]  # noqa: E731
     reference = fitted.teacher_outputs[verify_rows]
-    before, after = (run_batched(session, held, [out_name], config.batch_size, fixed_batch)[out_name]
-                     for session in (student_session, merged_session))
+    before, after = run(student_session), run(merged_session)
     if config.mode == "sequential":
         report.consistency = relative_error(after, fitted.predicted_outputs[verify_rows])
     report.provider = session_device(student_session)
-    metric, mask = choose_metric(student, out_name), padding_mask(held, before)
-    report.before, report.after = (OutputMetrics.of(compare(y, reference, metric, mask), metric)
-                                   for y in (before, after))
+    metric, mask = choose_metric(student, out_name), padding_mask(feeds, before)
+    measure = lambda y: OutputMetrics.of(compare(y, reference, metric, mask), metric)  # noqa: E731
+    report.written_in_sample, report.before = measure(after), measure(before)
+    if judged is None:
+        report.measured_on = IN_SAMPLE
+        report.after = report.written_in_sample
+        report.warnings.append(
+            f"nothing is held out ({report.samples_fit} sample(s), --holdout {config.holdout:g}): the guard is off, "
+            f"every correction that lowers the error on the fit samples is kept, and all figures are in-sample; "
+            f"give at least 2 samples (10+ recommended) and --holdout > 0 for held-out figures")
+    else:
+        report.measured_on = HELD_OUT
+        report.after = measure(run(make_session(judged, providers)))
     if report.after.relative_error > report.before.relative_error:
         report.warnings.append(
-            f"the recovered model is further from the teacher than the student on held-out samples "
-            f"(relative error {report.before.relative_error:.4g} → {report.after.relative_error:.4g})"
+            f"the recovered model is further from the teacher than the student ({report.measured_on}: "
+            f"relative error {report.before.relative_error:.4g} → {report.after.relative_error:.4g})"
             + ("; parallel mode fits each point on uncorrected inputs, try --mode sequential"
                if config.mode == "parallel" else ""))
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
+def _merged(plan: _Plan, updates: list[tuple[CorrectionPoint, WeightUpdate]]) -> onnx.ModelProto:
+    """The student as loaded, its weights updated in place: its own nodes, names and metadata."""
+    merged = onnx.ModelProto()
+    merged.CopyFrom(plan.student_loaded.original)
+    writer = ModelWriter(merged, plan.s_graph)
+    for point, update in updates:
+        write_update(writer, point, update)
+    return plan.student_loaded.restore_names(merged)
 
 
 def _explicit_reference(student: onnx.ModelProto, fits: list[tuple[CorrectionPoint, PointFit]]) -> onnx.ModelProto:
@@ -239,15 +264,31 @@ def make_student(teacher: onnx.ModelProto, prune_ratio: float | None = None,
 
 
 def check_compatible(teacher: onnx.ModelProto, student: onnx.ModelProto) -> None:
-    """Teacher and student must take the same inputs and give the same outputs."""
+    """Teacher and student must take the same inputs (names, dtypes, shapes past the batch axis) and give
+    the same outputs (names, dtypes, and shapes where both declare them)."""
     t_in, s_in = input_specs(teacher), input_specs(student)
-    if [(i.name, i.shape[1:]) for i in t_in] != [(i.name, i.shape[1:]) for i in s_in]:
+    if [(i.name, i.dtype, i.shape[1:]) for i in t_in] != [(i.name, i.dtype, i.shape[1:]) for i in s_in]:
         raise FskdError("teacher and student have different inputs: "
-                        f"{[(i.name, i.shape) for i in t_in]} vs {[(i.name, i.shape) for i in s_in]}")
-    t_out = [o.name for o in teacher.graph.output]
-    s_out = [o.name for o in student.graph.output]
-    if t_out != s_out:
-        raise FskdError(f"teacher and student have different outputs: {t_out} vs {s_out}")
+                        f"{[(i.name, str(i.dtype), i.shape) for i in t_in]} vs "
+                        f"{[(i.name, str(i.dtype), i.shape) for i in s_in]}; the student must be compressed from "
+                        f"this teacher")
+    t_out, s_out = _output_specs(teacher), _output_specs(student)
+    if [o[:2] for o in t_out] != [o[:2] for o in s_out] or any(
+            len(t[2]) != len(s[2]) or any(a is not None and b is not None and a != b for a, b in zip(t[2][1:], s[2][1:]))
+            for t, s in zip(t_out, s_out)):
+        raise FskdError(f"teacher and student have different outputs: {t_out} vs {s_out}; the student must give "
+                        f"the teacher's outputs")
+
+
+def _output_specs(model: onnx.ModelProto) -> list[tuple[str, str, tuple[int | None, ...]]]:
+    """(name, dtype, shape) of each graph output; symbolic or undeclared dimensions as None."""
+    specs = []
+    for value in model.graph.output:
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        specs.append((value.name, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type
+                      else "?", dims))
+    return specs
 
 
 def split_holdout(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -337,10 +378,10 @@ def _check_config(config: FitConfig) -> None:
         raise FskdError(f"--solver must be q or full, got {config.solver}")
     if config.residual_target not in ("sum", "plain"):
         raise FskdError(f"--residual-target must be sum or plain, got {config.residual_target}")
-    if not 0 <= config.holdout < 1:
+    if not 0 <= config.holdout < 1:  # False for NaN too
         raise FskdError(f"--holdout must be in [0, 1), got {config.holdout}")
-    if config.ridge < 0:
-        raise FskdError(f"--ridge must be >= 0, got {config.ridge}")
+    if not 0 <= config.ridge < math.inf:
+        raise FskdError(f"--ridge must be a finite number >= 0, got {config.ridge}")
     if config.batch_size <= 0:
         raise FskdError(f"--batch-size must be positive, got {config.batch_size}")
 

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 from .metrics import Comparison
 
+HELD_OUT = "held-out"
+IN_SAMPLE = "in-sample"
+
 
 @dataclass
 class PointReport:
@@ -21,15 +24,15 @@ class PointReport:
     target: str            # "plain" (the op's own output) or "sum" (the residual Add's output)
     channel_map: str       # how kept channels were found: identity | map | metadata | weights | activations
     solver: str            # "q" (FSKD's Q after the op) or "full" (the op's whole weight refitted)
-    error_before: float    # held-out relative error of the point's output against its target
-    error_after: float
+    error_before: float    # the guard's relative error of the point's output against its target, on the
+    error_after: float     # held-out samples, of the candidate fitted without them (see FitReport.measured_on)
     status: str            # "kept" or "rejected" (the guard found no held-out gain)
 
 
 @dataclass
 class OutputMetrics:
-    """The student's final output against the teacher's, on the held-out samples: top-1 agreement for
-    class scores, cosine similarity for embeddings (metrics.choose_metric)."""
+    """A model's final output against the teacher's: top-1 agreement for class scores, cosine similarity
+    for embeddings (metrics.choose_metric)."""
 
     relative_error: float
     agreement: float | None
@@ -52,8 +55,13 @@ class FitReport:
     samples_heldout: int
     points: list[PointReport] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # What ``before``/``after`` and the points' errors were measured on: HELD_OUT (samples no correction was
+    # fitted on; ``after`` is the model of the guard's candidates, fitted on the fit samples only) or
+    # IN_SAMPLE (nothing held out: the written model on the samples it was fitted on).
+    measured_on: str = ""
     before: OutputMetrics | None = None
     after: OutputMetrics | None = None
+    written_in_sample: OutputMetrics | None = None  # the written model on the same samples: it was refitted on them
     exactness: float = 0.0    # max relative error: merged model vs. model with explicit Q nodes
     consistency: float | None = None  # sequential: merged model vs. the corrected activations the fit used
     seconds: dict[str, float] = field(default_factory=dict)

@@ -47,6 +47,7 @@ def assert_error(result, code: int, fragment: str, out=None):
 
 def test_fit_writes_model_and_report(files, tmp_path):
     report = tmp_path / "report.json"
+    before = sorted(p.name for p in tmp_path.iterdir())
     result = run(*fit_args(files), "--report", report)
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output
@@ -56,7 +57,7 @@ def test_fit_writes_model_and_report(files, tmp_path):
     assert document["after"]["relative_error"] < document["before"]["relative_error"]
     assert {p["status"] for p in document["points"]} <= {"kept", "rejected"}
     assert document["exactness"] <= 1e-4
-    assert list(tmp_path.glob(".*.tmp")) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["out.onnx", "report.json"])  # no staging left
 
 
 def test_npy_samples_and_num_samples(files, tmp_path):

@@ -10,7 +10,9 @@ from onnx import helper
 import onnx_fskd.model_io as model_io
 from builders import prune_by_slicing, random_inputs, vgg_net
 from onnx_fskd.data import Samples, input_specs
-from onnx_fskd.model_io import load_model, save_model_atomic
+from onnx_fskd.errors import FskdError
+from onnx_fskd.model_io import load_model
+from onnx_fskd.outputs import save_model_atomic
 from onnx_fskd.pipeline import fit
 from onnx_fskd.runtime import make_session, run_batched
 
@@ -49,8 +51,20 @@ def test_write_keeps_ir_version_and_opsets(tmp_path):
     changed = onnx.ModelProto()
     changed.CopyFrom(model)
     changed.ir_version = 14
+    del changed.opset_import[:]
+    changed.opset_import.extend([helper.make_opsetid("", 21), helper.make_opsetid("com.example", 1)])
     save_model_atomic(changed, out, like=model)
-    assert onnx.load(out).ir_version == 8
+    written = onnx.load(out)
+    assert written.ir_version == 8
+    assert [(o.domain, o.version) for o in written.opset_import] == [("", 17)]
+
+
+def test_models_are_written_as_binary_protobuf_whatever_the_extension(tmp_path):
+    for name in ("m.json", "m.txt", "m.textproto"):
+        save_model_atomic(vgg_net(), tmp_path / name)
+        written = onnx.ModelProto()
+        written.ParseFromString((tmp_path / name).read_bytes())  # text would not parse as binary
+        assert written.graph.node
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -58,7 +72,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(model_io.onnx, "save_model", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(FskdError, match="disk full"):
         save_model_atomic(vgg_net(), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
@@ -78,13 +92,18 @@ def _with_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def test_constant_and_identity_weights_are_normalised():
+def test_constant_and_identity_weights_are_found_and_written_where_they_are_held():
     teacher = vgg_net()
     student = _with_constant_nodes(prune_by_slicing(vgg_net(), {"c2": np.arange(8)}))
     result = fit(teacher, student, Samples(random_inputs(teacher, 48)))
     names = {p.student for p in result.report.points}
     assert {"c1", "c2", "c3", "c4", "f1", "f2"} == names
-    assert not any(n.op_type in ("Constant", "Identity") for n in result.model.graph.node)
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in student.graph.node]
+    assert [n.name for n in result.model.graph.node] == [n.name for n in student.graph.node]
+    kept = {p.student for p in result.report.points if p.status == "kept"}
+    changed = {n.name.removesuffix(".w_const") for n, before in zip(result.model.graph.node, student.graph.node)
+               if n.op_type == "Constant" and n != before}
+    assert kept and kept <= changed  # each kept point's Constant-held weight was rewritten in place
     assert result.report.exactness <= 1e-4
 
 

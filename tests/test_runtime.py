@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -20,16 +22,21 @@ def test_auto_takes_cuda_only_when_onnxruntime_has_it(monkeypatch):
     assert runtime.resolve_providers("cpu") == ["CPUExecutionProvider"]
 
 
-def test_cuda_that_cannot_start_falls_back_to_cpu():
-    """Asking for CUDA where it is absent still gives a working CPU session, reported as 'cpu'."""
+def test_cuda_request_runs_on_cuda_or_falls_back_to_cpu():
+    """Asking for CUDA gives a CUDA session where onnxruntime-gpu can use it, else a working CPU session
+    reported as 'cpu'; either way the outputs are the CPU ones."""
     model = vgg_net()
-    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):  # onnxruntime says so itself
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         session = runtime.make_session(model, ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert runtime.session_device(session) == "cpu"
+    cuda = "CUDAExecutionProvider" in session.get_providers()
+    assert runtime.session_device(session) == ("cuda" if cuda else "cpu")
+    if not cuda:  # the fallback is never silent: onnxruntime says so itself
+        assert any("CUDAExecutionProvider" in str(w.message) for w in caught)
     feeds = random_inputs(model, 3)
     out = runtime.run_batched(session, feeds, ["logits"], 2)["logits"]
     expected = runtime.run_batched(runtime.make_session(model, ["CPUExecutionProvider"]), feeds, ["logits"], 2)["logits"]
-    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_allclose(out, expected, rtol=1e-3 if cuda else 0, atol=1e-4 if cuda else 0)
 
 
 def test_fixed_batch_pads_the_last_batch():
