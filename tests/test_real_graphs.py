@@ -1,0 +1,144 @@
+"""Graphs shaped like third-party exports: a BERT-style block (heads, Erf-GELU FFN, LayerNorm, masked mean
+pooling) and an NHWC conv block wrapped in Transposes/Casts with decomposed BN. Prune, check exactness
+against the teacher with the pruned channels zeroed, then fit and check the numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from compress_builders import run
+from onnx_fskd.compress import prune_model
+from onnx_fskd.compress.groups import find_groups
+from onnx_fskd.data import Samples
+from onnx_fskd.graph import GraphIndex
+from onnx_fskd.normalize import normalise
+from onnx_fskd.pairing import MAP_METADATA_KEY
+from onnx_fskd.pipeline import FitConfig, fit
+from onnx_fskd.points import find_points
+from transformer_builders import bert_block, nhwc_block, token_batch
+
+WIDTH, HEADS, FFN = 16, 4, 32
+HEAD = WIDTH // HEADS
+
+
+def images(count: int, seed: int) -> dict[str, np.ndarray]:
+    return {"input": np.random.default_rng(seed).normal(size=(count, 8, 8, 3)).astype(np.float32)}
+
+
+def zeroed(teacher: onnx.ModelProto, rows: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The teacher with the given input rows of MatMul weights (or input columns of Conv weights) set to 0."""
+    model = onnx.ModelProto()
+    model.CopyFrom(teacher)
+    for tensor in model.graph.initializer:
+        if tensor.name in rows:
+            value = numpy_helper.to_array(tensor).copy()
+            if value.ndim == 2:
+                value[rows[tensor.name]] = 0
+            else:
+                value[:, rows[tensor.name]] = 0
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    return model
+
+
+def dropped(result, name: str, channels: int) -> np.ndarray:
+    kept = next(e.kept for e in result.entries if e.student == name)
+    return np.setdiff1d(np.arange(channels), kept)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+
+def same_nodes(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    return [(n.name, n.op_type, list(n.input), list(n.output)) for n in a.graph.node] == \
+           [(n.name, n.op_type, list(n.input), list(n.output)) for n in b.graph.node]
+
+
+def test_bert_groups_heads_ffn_and_refused_residual_stream():
+    groups = {g.root: g for g in find_groups(GraphIndex(normalise(bert_block())))}
+    heads = groups["l0.q"]
+    assert (heads.producers, heads.channels, heads.unit, heads.refused) == (["l0.q", "l0.k", "l0.v"], HEADS, HEAD, None)
+    assert {e.node for e in heads.shape_edits} == {"l0.q.r", "l0.k.r", "l0.v.r", "l0.ctx.target"}
+    assert (groups["l0.ffn1"].producers, groups["l0.ffn1"].refused) == (["l0.ffn1"], None)
+    for root in ("l0.o", "l0.ffn2"):
+        assert groups[root].refused.startswith("LayerNormalization '")
+
+
+def test_pruned_bert_computes_the_teacher_with_pruned_heads_and_neurons_zeroed():
+    teacher = bert_block()
+    result = prune_model(teacher, 0.5, head_ratio=0.25)
+    assert [n for n in result.notes if "LayerNormalization" in n] == [
+        "l0.o: not pruned, LayerNormalization 'embed.ln' normalises over these channels (a residual stream: kept whole)",
+        "l0.ffn2: not pruned, LayerNormalization 'l0.ln1' normalises over these channels (a residual stream: kept whole)"]
+    student = GraphIndex(result.model)
+    assert student.constant("l0.split").tolist() == [0, 0, 3, HEAD]                  # shared by Q, K and V
+    assert student.constant("l0.width").tolist() == [3 * HEAD]                       # a piece of a run-time Concat
+    assert student.constant("l0.q.w").shape == (WIDTH, 3 * HEAD) and student.constant("l0.o.w").shape == (3 * HEAD, WIDTH)
+    assert student.constant("l0.ffn1.w").shape == (WIDTH, FFN // 2) and student.constant("l0.ffn2.w").shape == (FFN // 2, WIDTH)
+    pruned_heads = dropped(result, "l0.q", WIDTH)
+    assert len(pruned_heads) == HEAD and np.all(pruned_heads // HEAD == pruned_heads[0] // HEAD)
+    reference = zeroed(teacher, {"l0.o.w": pruned_heads, "l0.ffn2.w": dropped(result, "l0.ffn1", FFN)})
+    feeds = token_batch(16, seq=7)
+    got, want = run(result.model, feeds)["embedding"], run(reference, feeds)["embedding"]
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    assert same_nodes(result.model, normalise(teacher))
+
+
+def test_two_layers_get_one_head_group_each():
+    result = prune_model(bert_block(layers=2), 0.5)
+    kept = {e.student: len(e.kept) for e in result.entries if e.kept is not None}
+    assert kept == {f"l{i}.{n}": size for i in (0, 1)
+                    for n, size in (("q", 8), ("k", 8), ("v", 8), ("o", 16), ("ffn1", 16), ("ffn2", 16))}
+
+
+def test_nhwc_block_prunes_through_transposes_casts_and_decomposed_bn():
+    teacher = nhwc_block()
+    result = prune_model(teacher, 0.5)
+    assert any(n.startswith("stem, c2: coupled by a residual Add") for n in result.notes)
+    student = GraphIndex(result.model)
+    assert student.constant("c1.w").shape == (8, 8, 3, 3) and student.constant("c1.bn.scale").shape == (8,)
+    reference = zeroed(teacher, {"c2.w": dropped(result, "c1", 16), "fc.w": dropped(result, "c3", 12)})
+    feeds = images(8, 3)
+    assert np.abs(run(result.model, feeds)["fc.bias"] - run(reference, feeds)["fc.bias"]).max() < 1e-4
+
+
+def test_nhwc_points_see_through_layout_wrappers_to_the_residual_add():
+    points = find_points(GraphIndex(nhwc_block())).by_name()
+    c2 = points["c2"]
+    assert [s.op_type for s in c2.chain] == ["Transpose", "Cast", "Add", "Sub", "Mul", "Add"]
+    assert (c2.output, c2.channel_axis, c2.residual_skip) == ("c2.bn.add", 3, "stem.relu")
+
+
+@pytest.mark.parametrize("solver", ["q", "full"])
+def test_fit_recovers_pruned_bert_embedding(solver):
+    teacher = bert_block()
+    student = prune_model(teacher, 0.5, head_ratio=0.25).model
+    result = fit(teacher, student, Samples(token_batch(256)), FitConfig(solver=solver))
+    test = token_batch(128, seed=9)
+    want = run(teacher, test)["embedding"]
+    before, after = cosine(run(student, test)["embedding"], want), cosine(run(result.model, test)["embedding"], want)
+    assert after > before + 0.03 and after > 0.9
+    assert result.report.exactness < 1e-5
+    assert {p.target for p in result.report.points if p.student in ("l0.o", "l0.ffn2")} == {"sum"}
+    assert same_nodes(result.model, student)
+
+
+def test_fit_nhwc_finds_channels_from_weights_and_residual_targets():
+    teacher = nhwc_block()
+    student = prune_model(teacher, 0.5, prune_residual=True).model
+    del student.metadata_props[:]                    # no map: kept channels must come from the weights
+    assert all(p.key != MAP_METADATA_KEY for p in student.metadata_props)
+    result = fit(teacher, student, Samples(images(256, 0)))
+    report = result.report
+    assert {p.channel_map for p in report.points if p.channels < p.teacher_channels} == {"weights"}
+    assert not any(p.channel_map.startswith("activations") for p in report.points)
+    assert next(p.target for p in report.points if p.student == "c2") == "sum"
+    test = images(64, 5)
+    want = run(teacher, test)["fc.bias"]
+    error = {name: np.linalg.norm(run(m, test)["fc.bias"] - want) / np.linalg.norm(want)
+             for name, m in (("student", student), ("fitted", result.model))}
+    assert error["fitted"] < 0.5 * error["student"]
+    assert report.exactness < 1e-5 and same_nodes(result.model, student)
