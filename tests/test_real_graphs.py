@@ -4,15 +4,21 @@ against the teacher with the pruned channels zeroed, then fit and check the numb
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import numpy_helper
 
+from cli.main import main
 from compress_builders import run
-from onnx_fskd.compress import prune_model
+from onnx_fskd.compress import decompose_model, prune_model
 from onnx_fskd.compress.groups import find_groups
+from onnx_fskd.costs import count_costs
 from onnx_fskd.data import Samples
+from onnx_fskd.errors import FskdError, UsageError
 from onnx_fskd.graph import GraphIndex
 from onnx_fskd.normalize import normalise
 from onnx_fskd.pairing import MAP_METADATA_KEY
@@ -150,3 +156,67 @@ def test_fit_nhwc_finds_channels_from_weights_and_residual_targets():
              for name, m in (("student", student), ("fitted", result.model))}
     assert error["fitted"] < 0.5 * error["student"]
     assert report.exactness < 1e-5 and same_nodes(result.model, student)
+
+
+def nhwc_dynamic() -> onnx.ModelProto:
+    """The NHWC block with H and W left symbolic, as many exports declare them."""
+    model = nhwc_block()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_param, dims[2].dim_param = "H", "W"
+    return model
+
+
+def test_macs_need_input_shapes_for_dynamic_sizes_and_count_through_wrappers():
+    bert = count_costs(bert_block())
+    assert bert.macs == 0 and "l0.q" in bert.unknown
+    seq = 10
+    fixed = count_costs(bert_block(), input_shapes={"input_ids": (2, seq), "attention_mask": (2, seq)})
+    layers = {layer.name: layer.macs for layer in fixed.layers}
+    assert layers["l0.q"] == 2 * seq * WIDTH * WIDTH and layers["l0.ffn2"] == 2 * seq * FFN * WIDTH
+    assert layers["l0.qk"] == 2 * HEADS * seq * seq * HEAD and fixed.macs_per_sample == fixed.macs // 2
+    assert count_costs(nhwc_dynamic()).unknown
+    image = count_costs(nhwc_dynamic(), input_shapes={"input": (1, 8, 8, 3)})
+    assert not image.unknown and image.macs == count_costs(nhwc_block()).macs
+    assert {layer.name: layer.macs for layer in image.layers}["c1"] == 8 * 8 * 16 * 8 * 9
+
+
+@pytest.mark.parametrize("shapes, message", [
+    ({"ids": (1, 4)}, "'ids' is not an input of the model"),
+    ({"input": (1, 8, 8)}, "'input' has rank 4, got 3 sizes"),
+    ({"input": (1, 8, 8, 4)}, "'input' has size 3 on axis 3, got 4"),
+])
+def test_bad_input_shapes_are_usage_errors(shapes, message):
+    with pytest.raises(UsageError, match=message):
+        count_costs(nhwc_dynamic(), input_shapes=shapes)
+
+
+def test_cli_input_shapes_on_prune_and_eval(tmp_path):
+    teacher_path, student_path = tmp_path / "bert.onnx", tmp_path / "student.onnx"
+    onnx.save(bert_block(), teacher_path)
+    done = CliRunner().invoke(main, ["prune", str(teacher_path), "--ratio", "0.5", "--head-ratio", "0.25", "-o",
+                                     str(student_path), "--input-shapes", "input_ids:1,10 attention_mask:[1,10]"])
+    assert done.exit_code == 0, done.output
+    student = count_costs(onnx.load(student_path), input_shapes={"input_ids": (1, 10), "attention_mask": (1, 10)})
+    assert student.macs > 0 and f"{student.macs / 1e3:.3g}k" in done.output
+    np.savez(tmp_path / "tokens.npz", **token_batch(8))
+    json_path = tmp_path / "eval.json"
+    done = CliRunner().invoke(main, ["eval", str(student_path), "--data", str(tmp_path / "tokens.npz"), "--reference",
+                                     str(teacher_path), "--json", str(json_path), "--input-shapes", "input_ids:1,10",
+                                     "--input-shapes", "attention_mask:1,10"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(json_path.read_text())["macs"] == student.macs
+    done = CliRunner().invoke(main, ["prune", str(teacher_path), "--ratio", "0.5", "-o", str(tmp_path / "x.onnx"),
+                                     "--input-shapes", "input_ids=1,10"])
+    assert done.exit_code == 2 and "expected NAME:DIM,DIM" in done.output and not (tmp_path / "x.onnx").exists()
+
+
+def test_decompose_keeps_wrapped_ends_and_skips_rank_one():
+    result = decompose_model(nhwc_block(), rank_ratio=0.5)
+    notes = "\n".join(result.notes)
+    assert "stem: kept, it reads the graph input 'input'" in notes
+    assert "fc: kept, it writes the graph output 'fc.bias'" in notes
+    assert {c.name for c in result.layers} == {"c1", "c2", "c3"}
+    assert {c.after for c in decompose_model(bert_block(), rank_ratio=0.1).layers} == {"svd r=2"}
+    with pytest.raises(FskdError, match="no layer to decompose: l0.q: skipped, svd at rank 1 would wreck it"):
+        decompose_model(bert_block(), rank_ratio=0.05)
+    assert {c.after for c in decompose_model(bert_block(), energy=0.05).layers} == {"svd r=1"}
