@@ -176,8 +176,6 @@ def transformer(ids, mask, labels) -> list[dict]:
         got = run(fitted, test)
         rows.append({"model": f"fit --solver {solver} ({seconds:.0f} s)", "cosine": cosine(got, want),
                      "accuracy": float(np.mean(np.argmax(got @ w.T + b, 1) == labels[test_rows]))})
-    costs = json.loads((OUT / "encoder_fit_q.json").read_text())
-    rows.append({"model": "points", "cosine": len(costs["points"]), "accuracy": None})
     return rows
 
 

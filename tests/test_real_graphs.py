@@ -220,3 +220,13 @@ def test_decompose_keeps_wrapped_ends_and_skips_rank_one():
     with pytest.raises(FskdError, match="no layer to decompose: l0.q: skipped, svd at rank 1 would wreck it"):
         decompose_model(bert_block(), rank_ratio=0.05)
     assert {c.after for c in decompose_model(bert_block(), energy=0.05).layers} == {"svd r=1"}
+
+
+def test_fit_bert_without_map_finds_kept_heads_and_neurons_from_weights():
+    teacher = bert_block()
+    student = prune_model(teacher, 0.5, head_ratio=0.25).model
+    del student.metadata_props[:]
+    report = fit(teacher, student, Samples(token_batch(128))).report
+    maps = {p.student: p.channel_map for p in report.points}
+    assert {maps[name] for name in ("l0.q", "l0.k", "l0.v", "l0.ffn1")} == {"weights"}
+    assert report.after.relative_error < report.before.relative_error
