@@ -3,13 +3,17 @@ params, bottleneck blocks 3-4-6-3, 224×224) — the Tucker-2/SVD work, per meth
 the Tucker-2 factorisation of ResNet-50's 3×3 conv weights the old way (two full SVDs and the per-element
 ``einsum`` core) against ``factorize.conv_tucker2`` (Gram eigh and two matrix products).
 
-    nice python bench/decompose_speed.py [--methods tucker2,svd,auto] [--rank-ratio 0.5]
+    nice python bench/decompose_speed.py [--methods tucker2,svd,auto] [--rank-ratio 0.5] [--skip-core]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")  # one BLAS thread: on a shared machine more threads only contend
 
 import numpy as np
 import onnx
@@ -67,7 +71,7 @@ def tucker2_before(weight: np.ndarray, r1: int, r2: int) -> np.ndarray:
 
 def core_comparison(ratio: float) -> None:
     rng = np.random.default_rng(0)
-    for width, count in ((64, 3), (128, 4), (256, 6)):  # 512 wide: the einsum alone runs for minutes
+    for width, count in ((64, 3), (128, 4), (256, 6)):  # 512 wide: the old einsum alone runs for tens of minutes
         weight = rng.normal(size=(width, width, 3, 3)).astype(np.float32)
         r = max(1, int(np.ceil(ratio * width)))
         start = time.perf_counter()
@@ -84,8 +88,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--methods", default="tucker2,svd,auto")
     parser.add_argument("--rank-ratio", type=float, default=0.5)
+    parser.add_argument("--skip-core", action="store_true", help="Time only the whole-graph decompositions.")
     args = parser.parse_args()
-    core_comparison(args.rank_ratio)
+    if not args.skip_core:
+        core_comparison(args.rank_ratio)
     model = resnet50()
     print(f"ResNet-50-size graph: {len(model.graph.node)} nodes, "
           f"{sum(np.prod(t.dims) for t in model.graph.initializer) / 1e6:.1f} M params")

@@ -60,7 +60,13 @@ def _gram_eigen(matrix: np.ndarray, left: bool = True) -> tuple[np.ndarray, np.n
 
 
 def _left_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
-    """The ``rank`` leading left singular vectors of ``matrix`` (m, r)."""
+    """The ``rank`` leading left singular vectors of ``matrix`` (m, r). A tall matrix (a 1×1 conv's
+    2048×512 output unfolding) uses the small Gram: u = M·v / σ, unless some σ is ≈ 0."""
+    if matrix.shape[0] > matrix.shape[1]:
+        power, vectors = _gram_eigen(matrix, left=False)
+        sigma = np.sqrt(power[:rank])
+        if sigma[-1] > 1e-6 * max(sigma[0], 1e-300):
+            return (matrix @ vectors[:, :rank]) / sigma
     return _gram_eigen(matrix)[1][:, :rank]
 
 
