@@ -159,7 +159,8 @@ def _layout_axis(node: onnx.NodeProto, axis: int, rank: int) -> int | None:
     perm = [int(p) for p in attribute(node, "perm", list(range(rank))[::-1])]
     moved = perm.index(axis)
     others = [p for p in perm if p != axis]
-    return moved if len(perm) == rank and others == sorted(others) else None
+    keeps_rows = len(perm) == rank >= 3 and others == sorted(others) and moved in (1, rank - 1)
+    return moved if keeps_rows else None
 
 
 def _as_affine(graph: GraphIndex, node, tensor: str, channels: int, rank: int, axis: int) -> AffineStep | None:
