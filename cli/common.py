@@ -46,6 +46,41 @@ class FloatList(click.ParamType):
         return numbers
 
 
+class InputShape(click.ParamType):
+    """NAME:D,D,... (onnxsim's --overwrite-input-shape) or NAME:[D,D,...] (Polygraphy's --input-shapes);
+    several may share one value, separated by spaces."""
+
+    name = "NAME:DIMS"
+
+    def convert(self, value, param, ctx) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        if isinstance(value, tuple):
+            return value
+        parsed = []
+        for item in str(value).split():
+            match = re.fullmatch(r"(.+):\[?\s*(\d+(?:\s*,\s*\d+)*)\s*\]?", item)
+            if not match:
+                self.fail(f"expected NAME:DIM,DIM,... such as input_ids:1,128, got {item!r}", param, ctx)
+            parsed.append((match[1], tuple(int(d) for d in match[2].split(","))))
+        return tuple(parsed)
+
+
+def input_shapes_option(command: Callable) -> Callable:
+    """--input-shapes, repeatable: fixes dynamic input sizes (sequence length, image size) for MAC counts."""
+    return click.option("--input-shapes", "input_shapes", type=InputShape(), multiple=True, metavar="NAME:D,D,...",
+                        help="Input shapes for the MAC counts, e.g. input_ids:1,128 (repeat or space-separate for "
+                             "several inputs); needed when the sequence length or image size is dynamic.")(command)
+
+
+def build_input_shapes(values: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...]) -> dict[str, tuple[int, ...]] | None:
+    """The --input-shapes values as {name: dims}; a name given twice is a usage error."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, dims in (pair for value in values for pair in value):
+        if name in shapes:
+            raise UsageError(f"--input-shapes: '{name}' is given twice")
+        shapes[name] = dims
+    return shapes or None
+
+
 def image_options(command: Callable) -> Callable:
     """Add the options that turn a folder of images into the model's input tensor (see data.ImageOptions)."""
     defaults = ImageOptions()

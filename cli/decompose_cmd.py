@@ -13,7 +13,9 @@ from onnx_fskd.normalize import folded_node_count
 from onnx_fskd.outputs import OutputSet, protected_files
 from onnx_fskd.provenance import stamp_producer
 
-from .common import FiniteFloat, OneLineErrors, reports_errors
+from onnx_fskd.costs import check_input_shapes
+
+from .common import FiniteFloat, OneLineErrors, build_input_shapes, input_shapes_option, reports_errors
 from .output import output_options
 from .prune_cmd import print_summary
 
@@ -32,19 +34,23 @@ from .prune_cmd import print_summary
               help="Leave the layers that read the graph input or write the graph output unfactorised: they save "
                    "few MACs, and no later point can correct a low-rank output layer.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@input_shapes_option
 @output_options
 @reports_errors
 def decompose_command(model_path: Path, rank_ratio: float | None, output_path: Path, method: str,
-                      energy: float | None, keep_ends: bool, force: bool) -> None:
+                      energy: float | None, keep_ends: bool, force: bool, input_shapes) -> None:
     """Replace each Conv (group=1), Gemm and MatMul of MODEL.onnx by a low-rank chain whose last op keeps the
     layer's name and output, skipping layers where that would not cut MACs, and write -o with the map that
     `onnx-fskd fit` uses."""
     check_decompose_options(rank_ratio, method, energy)
+    shapes = build_input_shapes(input_shapes)
     outputs = OutputSet(protected_files([model_path]), force)
     outputs.claim(output_path, "-o")
     model = load_model(model_path)
+    check_input_shapes(model, shapes)
     folded = folded_node_count(model)
-    result = decompose_model(model, rank_ratio=rank_ratio, method=method, energy=energy, keep_ends=keep_ends)
+    result = decompose_model(model, rank_ratio=rank_ratio, method=method, energy=energy, keep_ends=keep_ends,
+                             input_shapes=shapes)
     with outputs.commit_on_success():
         outputs.stage(output_path, lambda path: write_model(stamp_producer(result.model), path, like=model))
-    print_summary(model, result, "decomposition", "rank", output_path, folded)
+    print_summary(model, result, "decomposition", "rank", output_path, folded, shapes)

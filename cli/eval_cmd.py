@@ -14,7 +14,10 @@ from onnx_fskd.model_io import load_model
 from onnx_fskd.outputs import OutputSet, protected_files, write_json as write_json_file
 from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES, resolve_providers
 
-from .common import OneLineErrors, build_image_options, image_options, reports_errors
+from onnx_fskd.costs import check_input_shapes
+
+from .common import (OneLineErrors, build_image_options, build_input_shapes, image_options, input_shapes_option,
+                     reports_errors)
 from .output import human_console, is_stdout, output_options, write_json
 
 
@@ -40,22 +43,25 @@ from .output import human_console, is_stdout, output_options, write_json
               help="ONNX Runtime provider; auto takes CUDA when available.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Use only the first N samples.")
 @image_options
+@input_shapes_option
 @output_options
 @reports_errors
 def eval_command(model_path: Path, data_path: Path, reference_path: Path | None, json_path: Path | None,
                  output_name: str | None, metric: str, batch_size: int, provider: str, num_samples: int | None,
-                 **image) -> None:
+                 input_shapes, **image) -> None:
     """Evaluate MODEL.onnx on the --data samples: accuracy (with labels), agreement with --reference,
     parameters, MACs and latency."""
     outputs = OutputSet(protected_files([model_path, reference_path], [data_path]), force=True)
     to_file = json_path is not None and not is_stdout(json_path)
     if to_file:  # checked before the slow part, so a bad path fails at once
         outputs.claim(json_path, "--json")
+    shapes = build_input_shapes(input_shapes)
     model = load_model(model_path)
+    check_input_shapes(model, shapes)
     reference = load_model(reference_path) if reference_path else None
     batches = load_batches(data_path, input_specs(model), num_samples, build_image_options(**image))
     result = evaluate(model, batches, reference, resolve_providers(provider), batch_size, output=output_name,
-                      metric=metric)
+                      metric=metric, input_shapes=shapes)
     if to_file:
         with outputs.commit_on_success():
             outputs.stage(json_path, lambda path: write_json_file(result.to_json(), path))

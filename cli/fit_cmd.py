@@ -22,7 +22,10 @@ from onnx_fskd.provenance import run_record, stamp_producer
 from onnx_fskd.report import HELD_OUT, FitReport, OutputMetrics
 from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES, resolve_providers
 
-from .common import FiniteFloat, OneLineErrors, build_image_options, image_options, reports_errors
+from onnx_fskd.costs import check_input_shapes
+
+from .common import (FiniteFloat, OneLineErrors, build_image_options, build_input_shapes, image_options,
+                     input_shapes_option, reports_errors)
 from .output import human_console, is_stdout, output_options, warning_console, write_json
 
 _DEFAULTS = FitConfig()
@@ -74,13 +77,14 @@ _DEFAULTS = FitConfig()
               help="Keep the internal onnx_fskd.map channel map in the recovered model's metadata.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files (-o, --report, --student-out).")
 @image_options
+@input_shapes_option
 @output_options
 @reports_errors
 def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: float | None, rank_ratio: float | None,
                 student_out: Path | None, data_path: Path | None, output_path: Path | None,
                 num_samples: int | None, mode: str, points: str, residual_target: str, solver: str, ridge: float,
                 holdout: float, batch_size: int, provider: str, map_path: Path | None,
-                report_path: Path | None, seed: int, keep_map: bool, force: bool, **image) -> None:
+                report_path: Path | None, seed: int, keep_map: bool, force: bool, input_shapes, **image) -> None:
     """Recover a compressed student of TEACHER.onnx from a few unlabeled samples.
 
     Fits one least-squares correction per point of the student so its outputs follow the teacher's,
@@ -103,7 +107,9 @@ def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: floa
     for option, extra in (("--student-out", student_out), ("--report", None if is_stdout(report_path) else report_path)):
         if extra is not None:
             outputs.claim(extra, option)
+    shapes = build_input_shapes(input_shapes)
     teacher = load_model(teacher_path)
+    check_input_shapes(teacher, shapes)
     compressed = None
     if student_path is not None:
         student = load_model(student_path)
@@ -123,7 +129,7 @@ def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: floa
     figures = None
     if compressed is not None:
         figures = model_figures({"teacher": teacher, "student": student, "recovered": result.model}, samples,
-                                resolve_providers(provider), batch_size)
+                                resolve_providers(provider), batch_size, input_shapes=shapes)
     result.report.run = run_record(options, seed, {"teacher": teacher_path, "student": student_path,
                                                    "data": data_path, "map": map_path})
     document = result.report.to_json() | ({"costs": [asdict(f) for f in figures]} if figures else {})

@@ -15,13 +15,17 @@ from onnx_fskd.normalize import folded_node_count
 from onnx_fskd.outputs import OutputSet, protected_files
 from onnx_fskd.provenance import stamp_producer
 
-from .common import FiniteFloat, OneLineErrors, reports_errors
+from onnx_fskd.costs import check_input_shapes
+
+from .common import FiniteFloat, OneLineErrors, build_input_shapes, input_shapes_option, reports_errors
 from .output import human_console, output_options
 
 
 @click.command("prune", cls=OneLineErrors)
 @click.argument("model_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--ratio", type=FiniteFloat(), required=True, help="Fraction of output channels to remove, in [0, 1).")
+@click.option("--head-ratio", type=FiniteFloat(), default=None,
+              help="Fraction of attention heads to remove per attention block, in [0, 1) (default: --ratio).")
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the pruned student.")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "bn", "random"]), default="l1", show_default=True,
@@ -34,30 +38,34 @@ from .output import human_console, output_options
               help="Prune the layers a residual Add couples, as one group with one kept set (default: keep them).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --criterion random.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@input_shapes_option
 @output_options
 @reports_errors
-def prune_command(model_path: Path, ratio: float, output_path: Path, criterion: str, global_: bool,
-                  exclude: str | None, round_to: int, prune_residual: bool, seed: int, force: bool) -> None:
+def prune_command(model_path: Path, ratio: float, head_ratio: float | None, output_path: Path, criterion: str,
+                  global_: bool, exclude: str | None, round_to: int, prune_residual: bool, seed: int, force: bool,
+                  input_shapes) -> None:
     """Remove --ratio of the output channels of MODEL.onnx's Conv/Gemm/MatMul layers (with everything that
     reads them), keep node names, inputs and outputs, and write -o with the teacher→student map that
     `onnx-fskd fit` uses."""
-    check_prune_options(ratio, criterion, exclude, round_to)
+    check_prune_options(ratio, criterion, exclude, round_to, head_ratio)
+    shapes = build_input_shapes(input_shapes)
     outputs = OutputSet(protected_files([model_path]), force)
     outputs.claim(output_path, "-o")
     model = load_model(model_path)
+    check_input_shapes(model, shapes)
     folded = folded_node_count(model)
     result = prune_model(model, ratio, criterion=criterion, global_=global_, exclude=exclude, round_to=round_to,
-                         prune_residual=prune_residual, seed=seed)
+                         prune_residual=prune_residual, seed=seed, head_ratio=head_ratio)
     with outputs.commit_on_success():
         outputs.stage(output_path, lambda path: write_model(stamp_producer(result.model), path, like=model))
-    print_summary(model, result, "pruning", "channels in→out", output_path, folded)
+    print_summary(model, result, "pruning", "channels in→out", output_path, folded, shapes)
 
 
 def print_summary(teacher, result: CompressResult, title: str, change_label: str, output_path: Path,
-                  folded: int = 0) -> None:
+                  folded: int = 0, input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
     """The per-layer table (before → after), the totals, the notes on skipped layers, and how many
     constant-computing nodes the written graph no longer has (compression rebuilds the folded graph)."""
-    rows, total = summarize(teacher, result)
+    rows, total = summarize(teacher, result, input_shapes=input_shapes)
     table = Table(title=title)
     for column in ("layer", "op", f"{change_label} before", "after", "params", "MACs"):
         table.add_column(column, justify="right" if column in ("params", "MACs") else "left")

@@ -94,10 +94,10 @@ def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSour
 @raises_fskd_error
 def prune(model: ModelSource, ratio: float = DEFAULT_PRUNE_RATIO, *, criterion: str = "l1", global_: bool = False,
           exclude: str | None = None, round_to: int = 1, prune_residual: bool = False,
-          seed: int = 0) -> onnx.ModelProto:
+          seed: int = 0, head_ratio: float | None = None) -> onnx.ModelProto:
     """A channel-pruned student with the map ``fit`` reads in its metadata (options as `onnx-fskd prune`'s)."""
     result = prune_model(_model(model), ratio, criterion=criterion, global_=global_, exclude=exclude,
-                         round_to=round_to, prune_residual=prune_residual, seed=seed)
+                         round_to=round_to, prune_residual=prune_residual, seed=seed, head_ratio=head_ratio)
     return stamp_producer(result.model)
 
 
@@ -113,13 +113,14 @@ def decompose(model: ModelSource, rank_ratio: float | None = None, *, method: st
 @raises_fskd_error
 def evaluate(model: ModelSource, data: DataSource, reference: ModelSource | None = None, *,
              provider: str = "auto", batch_size: int = DEFAULT_BATCH, num_samples: int | None = None,
-             images: ImageOptions | None = None, output: str | None = None, metric: str = "auto") -> dict:
+             images: ImageOptions | None = None, output: str | None = None, metric: str = "auto",
+             input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """``onnx-fskd eval``'s JSON as a dict: accuracy, agreement, relative error (per output), costs, latency."""
     model = _model(model)
     reference_model = _model(reference) if reference is not None else None
     batches = batches_from(data, input_specs(model), num_samples, images)
     return _evaluate(model, batches, reference_model, resolve_providers(provider), batch_size,
-                     output=output, metric=metric).to_json()
+                     output=output, metric=metric, input_shapes=input_shapes).to_json()
 
 
 def default_output_path(teacher_path: str | os.PathLike) -> Path:

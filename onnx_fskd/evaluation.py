@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .costs import count_costs
+from .costs import InputShapes, count_costs
 from .data import InputSpec, Samples, input_specs
 from .errors import FskdError
 from .metrics import METRICS, accuracy, as_rows, choose_metric, compare, label_rows, padding_mask, relative_error
@@ -44,7 +44,7 @@ class EvalResult:
 def evaluate(model: onnx.ModelProto, samples: Samples | list[Samples], reference: onnx.ModelProto | None = None,
              providers: list[str] | None = None, batch_size: int = DEFAULT_BATCH,
              latency_batch: int | None = None, repeats: int = DEFAULT_REPEATS, output: str | None = None,
-             metric: str = "auto") -> EvalResult:
+             metric: str = "auto", input_shapes: InputShapes | None = None) -> EvalResult:
     """Run ``model`` (and ``reference``) over all samples and measure it.
 
     ``samples`` may be a list of batches (a folder of .npz files), each run as it is, so text batches
@@ -90,7 +90,7 @@ def evaluate(model: onnx.ModelProto, samples: Samples | list[Samples], reference
         per_output = {name: {"relative_error": relative_error(_flat(ours[name]), _flat(theirs[name]))}
                       for name in names}
         comparison = compare(selected, _stack(theirs[output], output), metric)
-    cost = count_costs(model, batch=1)
+    cost = count_costs(model, batch=1, input_shapes=input_shapes)
     return EvalResult(
         accuracy=accuracy(selected, np.concatenate(labels)) if labelled else None,
         agreement=comparison and comparison.agreement,
@@ -100,7 +100,7 @@ def evaluate(model: onnx.ModelProto, samples: Samples | list[Samples], reference
         metric=metric,
         outputs=per_output,
         params=cost.params,
-        macs=cost.macs // (fixed_batch or 1),
+        macs=cost.macs_per_sample,
         latency_ms=latencies(session, batches[0], fixed_batch, latency_batch or batch_size, repeats),
         samples=sum(len(batch) for batch in batches),
         provider=session_device(session),

@@ -29,6 +29,11 @@ CHANNEL_PRESERVING = {
     "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize", "Upsample", "Pad",
     "InstanceNormalization", "Add", "Sub", "Mul", "Div", "Cast",
 }
+# Elementwise functions of one tensor (GELU as exported is Div → Erf → Add → Mul → Mul).
+ELEMENTWISE_UNARY = {"Erf", "Exp", "Log", "Sqrt", "Abs", "Neg", "Reciprocal", "Softsign", "Celu", "ThresholdedRelu",
+                     "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Not", "IsNaN", "IsInf"}
+# What the channel mapper follows back: the kept indices survive these (a Transpose only moves the axis).
+_MAPPED_THROUGH = CHANNEL_PRESERVING | ELEMENTWISE_UNARY | {"Transpose", "Pow", "Max", "Min"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,7 +189,7 @@ class ChannelMapper:
         if node is None:
             raise _Unfollowable(tensor)
         data = [i for i in node.input if i and not self.student.is_constant(i)]
-        if node.op_type in CHANNEL_PRESERVING and data:
+        if node.op_type in _MAPPED_THROUGH and data:
             return self.channel_map(data[0])
         if node.op_type == "Flatten" and data:
             kept, teacher_channels = self.channel_map(data[0])

@@ -1,5 +1,7 @@
 """Find correction points: linear ops with constant weights, each with the per-channel affine chain
-(BatchNormalization, constant Mul/Div/Add/Sub) that follows it before any nonlinearity.
+(BatchNormalization, constant Mul/Div/Add/Sub) that follows it before any nonlinearity. Layout
+wrappers of NHWC exports (a Transpose that only moves the channel axis, a Cast to float) are part of
+the chain too, so the point's output is the tensor a residual Add reads.
 
 The chain is how BatchNorm is "folded first": the fit treats op+chain as one linear map and the
 merge maps Q through the chain, so the written model keeps every BN node the student had."""
@@ -19,6 +21,7 @@ from .ops.base import attribute
 log = logging.getLogger(__name__)
 
 AFFINE_OPS = ("BatchNormalization", "Mul", "Div", "Add", "Sub")
+LAYOUT_OPS = ("Transpose", "Cast")  # identity steps of a chain: they only move the channel axis or re-type
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,6 +36,11 @@ class AffineStep:
     @property
     def bias_capable(self) -> bool:
         return self.op_type in ("BatchNormalization", "Add", "Sub")
+
+    @property
+    def layout(self) -> bool:
+        """A Transpose or Cast: scale 1, shift 0, only the channel axis of the tensor may move."""
+        return self.op_type in LAYOUT_OPS
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +58,7 @@ class CorrectionPoint:
     rank: int
     block_end: bool = True
     residual_skip: str | None = None  # the other operand of the residual Add fed by ``output``
+    output_axis: int | None = None    # channel axis of ``output`` when a Transpose in the chain moved it
 
     @property
     def group_size(self) -> int:
@@ -57,7 +66,15 @@ class CorrectionPoint:
 
     @property
     def channel_axis(self) -> int:
+        """The channel axis of ``output``."""
+        if self.output_axis is not None:
+            return self.output_axis
         return 1 if self.op_type == "Conv" else self.rank - 1
+
+    def explicit_q(self, source: str, target: str, q: np.ndarray, d: np.ndarray):
+        """Nodes computing target = Q·source + d on the channel axis of ``output`` (for exactness checks)."""
+        op = self.op if self.channel_axis == (1 if self.op_type == "Conv" else self.rank - 1) else linear_op_for_type("MatMul")
+        return op.explicit_q(self.name, source, target, q, d, self.rank)
 
     @property
     def op(self) -> LinearOp:
@@ -100,26 +117,50 @@ def find_points(graph: GraphIndex) -> PointSet:
         channels = weight.shape[0]
         rank = len(graph.shapes.get(node.output[0], ())) or (weight.ndim if node.op_type == "Conv" else 2)
         axis = 1 if node.op_type == "Conv" else rank - 1
-        chain, output = _affine_chain(graph, node.output[0], channels, rank, axis)
+        chain, output, output_axis = _affine_chain(graph, node.output[0], channels, rank, axis,
+                                                   layout=op.bias_slot(node) is not None)
         found.points.append(CorrectionPoint(
             name=node.name, op_type=node.op_type, weight=weight_name, input=node.input[0], output=output,
             chain=tuple(chain), channels=channels, groups=op.groups(node), rank=rank,
-            residual_skip=_residual_skip(graph, output)))
+            residual_skip=_residual_skip(graph, output), output_axis=None if output_axis == axis else output_axis))
     _mark_block_ends(graph, found.points)
     return found
 
 
-def _affine_chain(graph: GraphIndex, tensor: str, channels: int, rank: int, axis: int):
-    """Follow single-consumer per-channel affine nodes; stop at anything else (a nonlinearity, a fork)."""
+def _affine_chain(graph: GraphIndex, tensor: str, channels: int, rank: int, axis: int, layout: bool):
+    """Follow single-consumer per-channel affine nodes; stop at anything else (a nonlinearity, a fork).
+    With ``layout`` (the op has its own bias slot, so the merge never reshapes a chain constant that sits
+    before a Transpose), layout wrappers join the chain and the channel axis follows them."""
     chain: list[AffineStep] = []
     while graph.consumer_count(tensor) == 1 and tensor in graph.consumers:
         node = graph.consumers[tensor][0]
-        step = _as_affine(graph, node, tensor, channels, rank, axis)
+        moved = _layout_axis(node, axis, rank) if layout else None
+        if moved is not None:
+            step = AffineStep(node.name, node.op_type, np.ones(channels), np.zeros(channels))
+            axis = moved
+        else:
+            step = _as_affine(graph, node, tensor, channels, rank, axis)
         if step is None:
             break
         chain.append(step)
         tensor = node.output[0]
-    return chain, tensor
+    return chain, tensor, axis
+
+
+def _layout_axis(node: onnx.NodeProto, axis: int, rank: int) -> int | None:
+    """Where the channel axis goes through a Cast to float or a Transpose that moves only it (NCHW ↔ NHWC,
+    so the order of the rows the fit reads stays the same); None for anything else."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Cast":
+        return axis if attribute(node, "to", 0) == onnx.TensorProto.FLOAT else None
+    if node.op_type != "Transpose":
+        return None
+    perm = [int(p) for p in attribute(node, "perm", list(range(rank))[::-1])]
+    moved = perm.index(axis)
+    others = [p for p in perm if p != axis]
+    keeps_rows = len(perm) == rank >= 3 and others == sorted(others) and moved in (1, rank - 1)
+    return moved if keeps_rows else None
 
 
 def _as_affine(graph: GraphIndex, node, tensor: str, channels: int, rank: int, axis: int) -> AffineStep | None:

@@ -28,7 +28,7 @@ def with_explicit_adapters(student: onnx.ModelProto, adapters: list[tuple[Correc
         producer = graph.producer[point.output]
         pre = f"{point.output}/before_Q"
         producer.output[list(producer.output).index(point.output)] = pre
-        nodes, inits = point.op.explicit_q(point.name, pre, point.output, adapter.q, adapter.d, point.rank)
+        nodes, inits = point.explicit_q(pre, point.output, adapter.q, adapter.d)
         inserted[producer.name] = nodes
         model.graph.initializer.extend(inits)
     ordered = []

@@ -59,11 +59,14 @@ def se_net(seed: int = 0) -> onnx.ModelProto:
     return b.model(b.gemm("fc", x, 8, 10), (3, 8, 8), 10, "se")
 
 
-def reshape_net(seed: int = 0, extra_conv: bool = False) -> onnx.ModelProto:
-    """conv → ReLU → Reshape (not Flatten) → Gemm: the grouping cannot follow the Reshape."""
+def reshape_net(seed: int = 0, extra_conv: bool = False, mixing: bool = False) -> onnx.ModelProto:
+    """conv → ReLU → Reshape → Gemm. The Reshape flattens (N, 8, 6, 6) to (N, 288) with an explicit size
+    the pruning must rewrite, or with ``mixing`` goes through (N, 6, 48), which splits channels apart."""
     b = Builder(seed)
     x = b.conv_bn_relu("c0", "input", 3, 8) if extra_conv else "input"
     x = b.node("Relu", "c1.relu", [b.conv("c1", x, 8 if extra_conv else 3, 8)])
+    if mixing:
+        x = b.node("Reshape", "mix", [x, b.const_int("mix.shape", [-1, 6, 48])])
     x = b.node("Reshape", "reshape", [x, b.const_int("shape", [-1, 8 * 6 * 6])])
     return b.model(b.gemm("fc", x, 8 * 6 * 6, 10), (3, 6, 6), 10, "reshape")
 

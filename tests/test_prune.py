@@ -256,12 +256,22 @@ def test_no_prunable_layer():
         prune_model(single_gemm(), 0.5)
 
 
-def test_reshape_is_refused_with_its_name():
-    with pytest.raises(FskdError, match="no prunable layer.*Reshape 'reshape'"):
-        prune_model(reshape_net(), 0.5)
-    result = prune_model(reshape_net(extra_conv=True), 0.5)
-    assert any(note.startswith("c1: not pruned") and "Reshape 'reshape'" in note for note in result.notes)
+def test_reshape_that_mixes_channels_is_refused_with_its_name():
+    with pytest.raises(FskdError, match="no prunable layer.*Reshape 'mix' mixes these channels"):
+        prune_model(reshape_net(mixing=True), 0.5)
+    result = prune_model(reshape_net(extra_conv=True, mixing=True), 0.5)
+    assert [note for note in result.notes if "Reshape" in note] == ["c1: not pruned, Reshape 'mix' mixes these channels with other axes"]
     assert len(kept_map(result)["c0"]) == 4
+
+
+def test_flattening_reshape_is_followed_and_its_shape_rewritten():
+    teacher = reshape_net()
+    result = prune_model(teacher, 0.5)
+    student = GraphIndex(result.model)
+    assert student.constant("shape").tolist() == [-1, 4 * 6 * 6]
+    assert student.constant("fc.w").shape == (10, 4 * 6 * 6)
+    x = random_inputs(teacher, 4)
+    assert run(result.model, x)["logits"].shape == (4, 10)
 
 
 def test_cli_prune_writes_model_and_table(tmp_path):

@@ -20,6 +20,7 @@ from ..normalize import normalise
 from ..ops.base import attribute
 from ..pairing import MapEntry
 from ..points import find_points
+from ..shapes import infer_tensor_shapes
 from .factorize import (RankChoice, conv_spatial, conv_svd, conv_tucker2, linear_svd, spatial_matrix, svd_matrix,
                         tucker_matrices)
 from .result import CompressResult, LayerChange, write_map
@@ -38,6 +39,7 @@ class Plan:
     macs_before: int
     macs_after: int
     build: Callable[["_Namer"], Built]
+    min_rank: int = 0  # the smallest rank of its factors
 
 
 def check_decompose_options(rank_ratio: float | None, method: str, energy: float | None) -> RankChoice:
@@ -53,15 +55,21 @@ def check_decompose_options(rank_ratio: float | None, method: str, energy: float
 
 
 def decompose_model(model: onnx.ModelProto, rank_ratio: float | None = None, method: str = "auto",
-                    energy: float | None = None, *, keep_ends: bool = True, require_saving: bool = True) -> CompressResult:
+                    energy: float | None = None, *, keep_ends: bool = True, require_saving: bool = True,
+                    input_shapes: dict[str, tuple[int, ...]] | None = None) -> CompressResult:
     """Factorise every Conv (group=1), Gemm and MatMul with a constant weight. ``method`` picks the conv
     factorisation (auto: per layer the one with the fewest MACs); Gemm/MatMul always become two low-rank
-    products. ``keep_ends`` leaves the layers that read a graph input or write a graph output alone (they
-    save few MACs, and a low-rank output layer cannot be corrected by any later point);
-    ``require_saving=False`` keeps factorisations that do not cut MACs (for exactness checks)."""
+    products. ``keep_ends`` leaves the layers that read a graph input or write a graph output alone, also
+    through layout wrappers (Transpose, Cast, Reshape, input normalisation; they save few MACs, and a
+    low-rank output layer cannot be corrected by any later point). A ``--rank-ratio`` that leaves a rank of
+    1 where the layer has more is skipped: one direction cannot carry a layer. ``require_saving=False``
+    keeps factorisations that do not cut MACs (for exactness checks); ``input_shapes`` fixes dynamic input
+    sizes for the MAC estimates."""
     choice = check_decompose_options(rank_ratio, method, energy)
     teacher = normalise(model)
     graph = GraphIndex(teacher)
+    if input_shapes:
+        graph.shapes = infer_tensor_shapes(teacher, 1, input_shapes)  # replaces the cached inference
     namer = _Namer(graph)
     ends = _end_layers(graph) if keep_ends else {}
     notes: list[str] = []
@@ -77,6 +85,10 @@ def decompose_model(model: onnx.ModelProto, rank_ratio: float | None = None, met
         if not plans:
             continue
         best = min(plans, key=lambda plan: plan.macs_after)
+        if require_saving and choice.energy is None and best.min_rank == 1 < _full_rank(graph, node):
+            notes.append(f"{node.name}: skipped, {best.method} at rank 1 would wreck it (of full rank "
+                         f"{_full_rank(graph, node)}); a larger --rank-ratio or --energy keeps more")
+            continue
         if require_saving and best.macs_after >= best.macs_before:
             notes.append(f"{node.name}: skipped, {best.method} at {best.rank} would not cut its MACs "
                          f"({best.macs_before:,} → {best.macs_after:,})")
@@ -94,15 +106,42 @@ def decompose_model(model: onnx.ModelProto, rank_ratio: float | None = None, met
     return CompressResult(student, entries, notes, changes)
 
 
+# Ops between a graph input or output and the first or last layer that change no learned computation.
+_WRAPPERS = {"Transpose", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Softmax", "LogSoftmax",
+             "Sigmoid", "Add", "Sub", "Mul", "Div"}
+
+
 def _end_layers(graph: GraphIndex) -> dict[str, str]:
-    """Layers (with their affine chain) that read a graph input or write a graph output, and which."""
+    """Layers (with their affine chain) that read a graph input or write a graph output, directly or
+    through layout wrappers (Transpose, Cast, Reshape…, constant normalisation), and which."""
     ends = {}
     for point in find_points(graph).points:
-        if point.output in graph.graph_outputs:
-            ends[point.name] = f"it writes the graph output '{point.output}'"
-        elif point.input in graph.graph_inputs:
-            ends[point.name] = f"it reads the graph input '{point.input}'"
+        output = _through_wrappers(graph, point.output, forward=True)
+        source = _through_wrappers(graph, point.input, forward=False)
+        if output in graph.graph_outputs:
+            ends[point.name] = f"it writes the graph output '{output}'"
+        elif source in graph.graph_inputs:
+            ends[point.name] = f"it reads the graph input '{source}'"
     return ends
+
+
+def _through_wrappers(graph: GraphIndex, tensor: str, forward: bool) -> str:
+    """Follow ``tensor`` through single-path wrapper nodes (their other inputs constant) to where it ends."""
+    for _ in range(len(graph.nodes)):
+        if forward:
+            consumers = graph.consumers.get(tensor, [])
+            if tensor in graph.graph_outputs or len(consumers) != 1:
+                return tensor
+            node = consumers[0]
+        else:
+            node = graph.producer.get(tensor)
+            if node is None:
+                return tensor
+        data = [name for name in node.input if name and not graph.is_constant(name)]
+        if node.op_type not in _WRAPPERS or node.domain not in ("", "ai.onnx") or len(data) != 1:
+            return tensor
+        tensor = node.output[0] if forward else data[0]
+    return tensor
 
 
 def _plans(graph: GraphIndex, node: onnx.NodeProto, method: str, choice: RankChoice) -> tuple[list[Plan], str | None]:
@@ -133,12 +172,12 @@ def _conv_plans(graph, node, weight, method, choice) -> tuple[list[Plan], str | 
     if "svd" in wanted:
         r = choice.rank(svd_matrix(weight))
         plans.append(Plan("svd", f"r={r}", before, hw_out * r * (cin * k + c),
-                          lambda namer: _conv_chain(graph, node, namer, "svd", zip(conv_svd(weight, r), ({}, None)))))
+                          lambda namer: _conv_chain(graph, node, namer, "svd", zip(conv_svd(weight, r), ({}, None))), r))
     if "tucker2" in wanted:
         r1, r2 = (choice.rank(m) for m in tucker_matrices(weight))
         plans.append(Plan("tucker2", f"r1={r1},r2={r2}", before, hw_in * cin * r1 + hw_out * (r1 * r2 * k + r2 * c),
                           lambda namer: _conv_chain(graph, node, namer, "tucker2",
-                                                    zip(conv_tucker2(weight, r1, r2), (None, {}, None)))))
+                                                    zip(conv_tucker2(weight, r1, r2), (None, {}, None))), min(r1, r2)))
     if "spatial" in wanted:
         reason = _spatial_reason(node, weight)
         if reason:
@@ -150,7 +189,7 @@ def _conv_plans(graph, node, weight, method, choice) -> tuple[list[Plan], str | 
             after = mid * rs * cin * kernel[0] + hw_out * c * rs * kernel[1]
             plans.append(Plan("spatial", f"r={rs}", before, after,
                               lambda namer: _conv_chain(graph, node, namer, "spatial",
-                                                        zip(conv_spatial(weight, rs), _spatial_attributes(node)))))
+                                                        zip(conv_spatial(weight, rs), _spatial_attributes(node))), rs))
     return plans, ("; ".join(reasons) if reasons and not plans else None)
 
 
@@ -176,7 +215,7 @@ def _linear_plan(graph: GraphIndex, node: onnx.NodeProto, weight: np.ndarray, ch
     n, k = major.shape
     r = choice.rank(major)
     build = _gemm_chain if node.op_type == "Gemm" else _matmul_chain
-    return Plan("svd", f"r={r}", k * n, r * (k + n), lambda namer: build(graph, node, namer, *linear_svd(major, r)))
+    return Plan("svd", f"r={r}", k * n, r * (k + n), lambda namer: build(graph, node, namer, *linear_svd(major, r)), r)
 
 
 def _conv_chain(graph, node, namer, method, parts) -> Built:

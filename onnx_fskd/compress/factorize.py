@@ -5,7 +5,11 @@
 * ``conv_spatial``: W[o,i,h,w] ≈ Σ_r V[r,i,h]·H[o,r,w], a kh×1 conv (Cin→r) then a 1×kw conv (r→C);
   from the SVD of W arranged as the (Cin·kh) × (C·kw) matrix M[(i,h),(o,w)] = W[o,i,h,w].
 * ``linear_svd``: an output-major (N, K) matrix ≈ B (N, r) · A (r, K).
-Singular values are split evenly (√S on each side) so both factors have similar scales."""
+Singular values are split evenly (√S on each side) so both factors have similar scales.
+
+The singular vectors come from ``eigh`` of the Gram matrix of the shorter side (BLAS-3 products plus a
+small symmetric eigenproblem, several times faster than a full SVD of a wide conv unfolding); the
+factors are exact projections (U·Uᵀ·M), so full rank reproduces the weight to rounding."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ class RankChoice:
         full = min(matrix.shape)
         if self.energy is None:
             return int(min(full, max(1, math.ceil(self.ratio * full - 1e-9))))
-        power = np.linalg.svd(matrix.astype(np.float64), compute_uv=False) ** 2
+        power = _gram_eigen(matrix.astype(np.float64))[0]
         total = power.sum()
         if total <= 0:
             return 1
@@ -48,11 +52,35 @@ def spatial_matrix(weight: np.ndarray) -> np.ndarray:
     return weight.transpose(1, 2, 0, 3).reshape(cin * kh, c * kw)
 
 
+def _gram_eigen(matrix: np.ndarray, left: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(squared singular values, descending; the matching left (or right) singular vectors as columns)."""
+    gram = matrix @ matrix.T if left else matrix.T @ matrix
+    power, vectors = np.linalg.eigh(gram)
+    return np.clip(power[::-1], 0.0, None), vectors[:, ::-1]
+
+
+def _left_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
+    """The ``rank`` leading left singular vectors of ``matrix`` (m, r). A tall matrix (a 1×1 conv's
+    2048×512 output unfolding) uses the small Gram: u = M·v / σ, unless some σ is ≈ 0."""
+    if matrix.shape[0] > matrix.shape[1]:
+        power, vectors = _gram_eigen(matrix, left=False)
+        sigma = np.sqrt(power[:rank])
+        if sigma[-1] > 1e-6 * max(sigma[0], 1e-300):
+            return (matrix @ vectors[:, :rank]) / sigma
+    return _gram_eigen(matrix)[1][:, :rank]
+
+
 def _split(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """matrix (m, n) ≈ left (m, r) · right (r, n)."""
-    u, s, vt = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
-    root = np.sqrt(s[:rank])
-    return u[:, :rank] * root, root[:, None] * vt[:rank]
+    """matrix (m, n) ≈ left (m, r) · right (r, n), the best rank-r approximation."""
+    matrix = matrix.astype(np.float64)
+    wide = matrix.shape[0] <= matrix.shape[1]
+    power, vectors = _gram_eigen(matrix, left=wide)
+    vectors = vectors[:, :rank]
+    # √σ on each side; a floor keeps the split finite where σ ≈ 0 (the product stays the exact projection).
+    root = np.sqrt(np.maximum(np.sqrt(power[:rank]), 1e-12 * max(np.sqrt(power[0]), 1e-300)))
+    if wide:
+        return vectors * root, (vectors.T @ matrix) / root[:, None]
+    return (matrix @ vectors) / root, vectors.T * root[:, None]
 
 
 def conv_svd(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,9 +95,12 @@ def conv_tucker2(weight: np.ndarray, r1: int, r2: int) -> tuple[np.ndarray, np.n
     w = weight.astype(np.float64)
     c, cin = w.shape[:2]
     unfold_in, unfold_out = tucker_matrices(w)
-    u_in = np.linalg.svd(unfold_in, full_matrices=False)[0][:, :r1]      # (Cin, r1)
-    u_out = np.linalg.svd(unfold_out, full_matrices=False)[0][:, :r2]    # (C, r2)
-    core = np.einsum("oa,ib,oi...->ab...", u_out, u_in, w)               # (r2, r1, *k)
+    u_in = _left_vectors(unfold_in, r1)                                  # (Cin, r1)
+    u_out = _left_vectors(unfold_out, r2)                                # (C, r2)
+    kernel = w.shape[2:]
+    # core[a, b] = Σ_o,i u_out[o, a]·u_in[i, b]·w[o, i]: two matrix products, not a per-element einsum.
+    projected = (u_out.T @ unfold_out).reshape(r2, cin, -1)              # (r2, Cin, k)
+    core = (u_in.T @ projected).reshape((r2, r1) + kernel)               # (r2, r1, *k)
     ones = (1,) * (w.ndim - 2)
     return u_in.T.reshape((r1, cin) + ones), core, u_out.reshape((c, r2) + ones)
 

@@ -42,6 +42,24 @@ class Slice:
     positions: np.ndarray  # (channels, m) indices along ``axis`` of that constant
 
 
+@dataclass(frozen=True, eq=False)
+class ShapeEdit:
+    """A Reshape target-shape constant whose ``element`` shrinks by ``per_channel`` for each pruned channel."""
+
+    node: str
+    input_index: int
+    element: int
+    per_channel: int
+
+
+class NeedsBlocks(Refused):
+    """A Reshape splits the channel axis into blocks of ``width``: the group must be traced per block (head)."""
+
+    def __init__(self, message: str, width: int):
+        super().__init__(message)
+        self.width = width
+
+
 @dataclass(frozen=True)
 class ProducerInfo:
     """Where a layer's output channels live in its constants."""
@@ -64,6 +82,14 @@ class Group:
     bn_gammas: list[np.ndarray] = field(default_factory=list)
     refused: str | None = None
     residual: bool = False  # an Add/Sub sums two tensors carrying these channels (a residual connection)
+    unit: int = 1  # root output channels per group channel: 1, or the head size when heads are pruned
+    shape_edits: list[ShapeEdit] = field(default_factory=list)
+    producer_positions: dict[str, np.ndarray] = field(default_factory=dict)  # producer → (channels, m) rows
+
+    @property
+    def heads(self) -> bool:
+        """Whether the group's channels are attention heads (blocks of ``unit`` channels)."""
+        return self.unit > 1
 
 
 def producer_info(node: onnx.NodeProto, graph: GraphIndex) -> ProducerInfo | None:
@@ -117,13 +143,13 @@ def is_depthwise(node: onnx.NodeProto, graph: GraphIndex) -> bool:
 class Tracer:
     """Builds the group of one root layer by a breadth-first walk over the tensors its channels reach."""
 
-    def __init__(self, graph: GraphIndex, root: onnx.NodeProto):
+    def __init__(self, graph: GraphIndex, root: onnx.NodeProto, unit: int = 1):
         from .rules import rule_for  # rules import Tracer's types
 
         self._rule_for = rule_for
         self.graph = graph
         info = producer_info(root, graph)
-        self.group = Group(root.name, info.channels)
+        self.group = Group(root.name, info.channels // unit, unit=unit)
         self.queue: deque[Carrier] = deque()
         self.done: dict[object, set[str]] = {}
 
@@ -144,24 +170,33 @@ class Tracer:
     def cut(self, node: onnx.NodeProto, index: int, axis: int, positions: np.ndarray) -> None:
         self.group.slices.append(Slice(node.name, index, axis, positions))
 
+    def edit_shape(self, node: onnx.NodeProto, index: int, element: int, per_channel: int) -> None:
+        self.group.shape_edits.append(ShapeEdit(node.name, index, element, per_channel))
+
     def add_producer(self, node: onnx.NodeProto, info: ProducerInfo, positions: np.ndarray) -> None:
         self.group.producers.append(node.name)
+        self.group.producer_positions[node.name] = positions
         self.cut(node, info.weight_index, info.weight_axis, positions)
         if info.bias is not None:
             self.cut(node, info.bias[0], info.bias[1], positions)
 
     # --- the walk ---------------------------------------------------------------------------------
     def trace(self) -> Group:
-        root = self.graph.node_by_name[self.group.root]
         try:
-            # The root is visited from its output like any other producer of the group.
-            info = producer_info(root, self.graph)
-            rank = len(self.graph.shapes.get(root.output[0], ())) or info.output_axis + 1
-            self.enqueue(root.output[0], info.output_axis, rank, np.arange(info.channels)[:, None])
-            while self.queue:
-                self._step(self.queue.popleft())
+            return self.trace_or_raise()
         except Refused as exc:
             self.group.refused = str(exc)
+        return self.group
+
+    def trace_or_raise(self) -> Group:
+        """The walk; a Refused (or NeedsBlocks, for a head split met per channel) propagates."""
+        root = self.graph.node_by_name[self.group.root]
+        # The root is visited from its output like any other producer of the group.
+        info = producer_info(root, self.graph)
+        rank = len(self.graph.shapes.get(root.output[0], ())) or info.output_axis + 1
+        self.enqueue(root.output[0], info.output_axis, rank, np.arange(info.channels).reshape(-1, self.group.unit))
+        while self.queue:
+            self._step(self.queue.popleft())
         return self.group
 
     def _step(self, carrier: Carrier) -> None:
@@ -192,6 +227,22 @@ class Tracer:
         self.done[key] = set(rule(self, node, carrier)) | {carrier.tensor}
 
 
+def trace_group(graph: GraphIndex, root: onnx.NodeProto) -> Group:
+    """The group of ``root``'s output channels; per head when a Reshape splits them into heads."""
+    tracer = Tracer(graph, root)
+    try:
+        return tracer.trace_or_raise()
+    except NeedsBlocks as split:
+        channels = producer_info(root, graph).channels
+        if channels % split.width or channels == split.width:
+            tracer.group.refused = str(split)
+            return tracer.group
+        return Tracer(graph, root, split.width).trace()
+    except Refused as exc:
+        tracer.group.refused = str(exc)
+        return tracer.group
+
+
 def find_groups(graph: GraphIndex) -> list[Group]:
     """One group per set of layers whose output channels must be pruned together, in graph order."""
     claimed: set[str] = set()
@@ -199,7 +250,7 @@ def find_groups(graph: GraphIndex) -> list[Group]:
     for node in graph.nodes:
         if node.name in claimed or producer_info(node, graph) is None:
             continue
-        group = Tracer(graph, node).trace()
+        group = trace_group(graph, node)
         claimed.update(group.producers or [node.name])
         groups.append(group)
     return groups

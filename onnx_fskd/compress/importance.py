@@ -33,12 +33,14 @@ def importance(graph: GraphIndex, group: Group, criterion: str, rng: np.random.G
 
 
 def filter_norms(graph: GraphIndex, group: Group, order: int) -> np.ndarray:
+    """Per group channel, the L1 or L2 norm of all the filters that produce it (a head: its block of rows)."""
     total = np.zeros(group.channels)
     for name in group.producers:
         node = graph.node_by_name[name]
         weight = linear_op_for(node).to_output_major(node, graph.constant(node.input[1])).astype(np.float64)
-        total += np.linalg.norm(weight.reshape(len(weight), -1), ord=order, axis=1)
-    return total
+        powers = np.sum(np.abs(weight.reshape(len(weight), -1)) ** order, axis=1)
+        total += np.sum(powers[group.producer_positions[name]], axis=1)
+    return total ** (1.0 / order)
 
 
 def keep_count(channels: int, keep: int, round_to: int) -> int:

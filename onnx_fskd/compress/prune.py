@@ -24,10 +24,13 @@ from .importance import CRITERIA, global_counts, importance, kept_channels, per_
 from .result import CompressResult, LayerChange, write_map
 
 
-def check_prune_options(ratio: float, criterion: str = "l1", exclude: str | None = None, round_to: int = 1) -> re.Pattern | None:
+def check_prune_options(ratio: float, criterion: str = "l1", exclude: str | None = None, round_to: int = 1,
+                        head_ratio: float | None = None) -> re.Pattern | None:
     """Validate the options (UsageError, exit 2) before any work; returns the compiled --exclude."""
     if not 0 <= ratio < 1:
         raise UsageError(f"--ratio must be in [0, 1) (the fraction of channels to remove), got {ratio}")
+    if head_ratio is not None and not 0 <= head_ratio < 1:
+        raise UsageError(f"--head-ratio must be in [0, 1) (the fraction of attention heads to remove), got {head_ratio}")
     if criterion not in CRITERIA:
         raise UsageError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     if round_to < 1:
@@ -40,9 +43,10 @@ def check_prune_options(ratio: float, criterion: str = "l1", exclude: str | None
 
 def prune_model(model: onnx.ModelProto, ratio: float, criterion: str = "l1", global_: bool = False,
                 exclude: str | None = None, round_to: int = 1, prune_residual: bool = False,
-                seed: int = 0) -> CompressResult:
-    """Remove ``ratio`` of the output channels of every prunable group (or of all of them, with ``global_``)."""
-    pattern = check_prune_options(ratio, criterion, exclude, round_to)
+                seed: int = 0, head_ratio: float | None = None) -> CompressResult:
+    """Remove ``ratio`` of the output channels of every prunable group (or of all of them, with ``global_``),
+    and ``head_ratio`` (default ``ratio``) of the heads of every attention block (whole heads, per block)."""
+    pattern = check_prune_options(ratio, criterion, exclude, round_to, head_ratio)
     teacher = normalise(model)
     graph = GraphIndex(teacher)
     groups, notes = _prunable(find_groups(graph), pattern, prune_residual)
@@ -53,7 +57,7 @@ def prune_model(model: onnx.ModelProto, ratio: float, criterion: str = "l1", glo
         scores.append(score)
         if note:
             notes.append(note)
-    counts = global_counts(groups, scores, ratio, round_to) if global_ else per_layer_counts(groups, ratio, round_to)
+    counts = _counts(groups, scores, ratio, ratio if head_ratio is None else head_ratio, global_, round_to)
     removals = slicing.Removals()
     for group, score, count in zip(groups, scores, counts):
         kept = kept_channels(score, count)
@@ -65,6 +69,23 @@ def prune_model(model: onnx.ModelProto, ratio: float, criterion: str = "l1", glo
     entries = _map_entries(graph, student, removals)
     write_map(student, entries)
     return CompressResult(student, entries, notes, _layer_changes(graph, GraphIndex(student)))
+
+
+def _counts(groups: list[Group], scores: list[np.ndarray], ratio: float, head_ratio: float, global_: bool,
+            round_to: int) -> list[int]:
+    """Channels each group keeps: heads per block at ``head_ratio`` (``round_to`` counts channels, not
+    heads), the other groups at ``ratio``, per layer or under one global threshold."""
+    channel_groups = [index for index, group in enumerate(groups) if not group.heads]
+    chosen = [groups[i] for i in channel_groups]
+    if global_:
+        counts = global_counts(chosen, [scores[i] for i in channel_groups], ratio, round_to)
+    else:
+        counts = per_layer_counts(chosen, ratio, round_to)
+    result = dict(zip(channel_groups, counts))
+    for index, group in enumerate(groups):
+        if group.heads:
+            result[index] = per_layer_counts([group], head_ratio, 1)[0]
+    return [result[index] for index in range(len(groups))]
 
 
 def _prunable(groups: list[Group], pattern: re.Pattern | None, prune_residual: bool) -> tuple[list[Group], list[str]]:

@@ -22,10 +22,14 @@ class Removals:
         self.constants: dict[tuple[str, int], dict[int, set[int]]] = {}  # → {axis: removed}
         self.tensors: dict[str, set[int]] = {}
         self.depthwise: set[str] = set()
+        self.shapes: dict[tuple[str, int], dict[int, int]] = {}  # Reshape shape constants → {element: shrink}
 
     def add(self, group: Group, pruned: np.ndarray) -> None:
         if len(pruned) == 0:
             return
+        for edit in group.shape_edits:
+            elements = self.shapes.setdefault((edit.node, edit.input_index), {})
+            elements[edit.element] = elements.get(edit.element, 0) + edit.per_channel * len(pruned)
         for cut in group.slices:
             axes = self.constants.setdefault((cut.node, cut.input_index), {})
             axes.setdefault(cut.axis, set()).update(cut.positions[pruned].reshape(-1).tolist())
@@ -42,24 +46,9 @@ def apply(model: onnx.ModelProto, removals: Removals) -> None:
         for index, name in enumerate(node.input):
             if name in graph.initializers:
                 uses.setdefault(name, []).append((node, index))
-    wanted: dict[str, list[tuple[onnx.NodeProto, int, dict[int, set[int]]]]] = {}
-    for (node_name, index), axes in removals.constants.items():
-        node = graph.node_by_name[node_name]
-        wanted.setdefault(node.input[index], []).append((node, index, axes))
     taken = set(graph.initializers)
-    for name, cuts in wanted.items():
-        tensor = graph.initializers[name]
-        value = numpy_helper.to_array(tensor)
-        same = all(axes == cuts[0][2] for _, _, axes in cuts)
-        if same and len(cuts) == len(uses[name]):
-            tensor.CopyFrom(numpy_helper.from_array(_cut(value, cuts[0][2], name), name))
-            continue
-        for node, index, axes in cuts:
-            private = fresh_name(f"{name}.{node.name}", taken)
-            model.graph.initializer.append(numpy_helper.from_array(_cut(value, axes, name), private))
-            node.input[index] = private
-        if len(cuts) == len(uses[name]):
-            model.graph.initializer.remove(tensor)
+    _rewrite(model, graph, uses, removals.constants, _cut, taken)
+    _rewrite(model, graph, uses, removals.shapes, _shrink, taken)
     dims = {t.name: t.dims for t in model.graph.initializer}
     for name in removals.depthwise:
         node = graph.node_by_name[name]
@@ -68,6 +57,39 @@ def apply(model: onnx.ModelProto, removals: Removals) -> None:
             if attr.name == "group":
                 attr.i = channels
     _refresh_declared_shapes(model)
+
+
+def _rewrite(model: onnx.ModelProto, graph: GraphIndex, uses: dict, changes: dict, change, taken: set[str]) -> None:
+    """Apply ``change(value, how, name)`` to each (node, input) constant: in place when every use of the
+    initializer wants the same change, else as a private copy per changed use."""
+    wanted: dict[str, list] = {}
+    for (node_name, index), how in changes.items():
+        node = graph.node_by_name[node_name]
+        wanted.setdefault(node.input[index], []).append((node, index, how))
+    for name, cuts in wanted.items():
+        tensor = graph.initializers[name]
+        value = numpy_helper.to_array(tensor)
+        same = all(how == cuts[0][2] for _, _, how in cuts)
+        if same and len(cuts) == len(uses[name]):
+            tensor.CopyFrom(numpy_helper.from_array(change(value, cuts[0][2], name), name))
+            continue
+        for node, index, how in cuts:
+            private = fresh_name(f"{name}.{node.name}", taken)
+            model.graph.initializer.append(numpy_helper.from_array(change(value, how, name), private))
+            node.input[index] = private
+        if len(cuts) == len(uses[name]):
+            model.graph.initializer.remove(tensor)
+
+
+def _shrink(value: np.ndarray, elements: dict[int, int], name: str) -> np.ndarray:
+    """A Reshape target shape with the channel entries reduced by the pruned sizes."""
+    shape = value.copy()
+    flat = shape.reshape(-1)
+    for element, shrink in elements.items():
+        flat[element] -= shrink
+        if flat[element] <= 0:
+            raise FskdError(f"internal: the shape constant '{name}' would get a size {flat[element]}")
+    return shape
 
 
 def _cut(value: np.ndarray, axes: dict[int, set[int]], name: str) -> np.ndarray:

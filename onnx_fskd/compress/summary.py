@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from ..costs import count_costs
+from ..costs import InputShapes, count_costs
 from .result import CompressResult
 
 
@@ -20,9 +20,10 @@ class Row:
     macs: tuple[int, int]
 
 
-def summarize(teacher: onnx.ModelProto, result: CompressResult, batch: int = 1) -> tuple[list[Row], Row]:
+def summarize(teacher: onnx.ModelProto, result: CompressResult, batch: int = 1,
+              input_shapes: InputShapes | None = None) -> tuple[list[Row], Row]:
     """One row per changed layer (the student side sums the nodes that replaced it), and the totals."""
-    t_cost, s_cost = count_costs(teacher, batch), count_costs(result.model, batch)
+    t_cost, s_cost = (count_costs(model, batch, input_shapes) for model in (teacher, result.model))
     t_layers = {layer.name: layer for layer in t_cost.layers}
     s_layers = {layer.name: layer for layer in s_cost.layers}
     rows = []
