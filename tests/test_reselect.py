@@ -149,3 +149,25 @@ def test_prune_with_data_chooses_channels_from_the_data(tmp_path):
     bad = CliRunner().invoke(main, ["prune", str(teacher_path), "--ratio", "0.5", "-o", str(tmp_path / "b.onnx"),
                                     "--data", str(tmp_path / "missing.npy")])
     assert bad.exit_code == 1 and bad.output.startswith("error:") and not (tmp_path / "b.onnx").exists()
+
+
+def test_flatten_to_gemm_groups_choose_whole_channels():
+    """conv (3→8) → ReLU → Flatten (8 channels × 4 positions) → Gemm: channels 4..7 are the decoys."""
+    b = NetBuilder(4)
+    x = b.node("Relu", "c.relu", [b.conv("c", "input", 3, 8, k=1)])
+    teacher = b.model(b.gemm("fc", b.node("Flatten", "flat", [x], axis=1), 32, 5), (3, 2, 2), 5, "flat")
+    inits = {t.name: t for t in teacher.graph.initializer}
+    w, fc = onnx.numpy_helper.to_array(inits["c.w"]).copy(), onnx.numpy_helper.to_array(inits["fc.w"]).copy()
+    w[4:] *= 10.0
+    fc[:, 16:] *= 1e-3  # features 16..31 are channels 4..7
+    for name, value in (("c.w", w), ("fc.w", fc)):
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), name))
+    student = prune_model(teacher, 0.5).model
+    data = Samples({"input": np.random.default_rng(2).normal(size=(200, 3, 2, 2)).astype(np.float32)})
+    plan = _analyse(teacher, student, FitConfig(), None)
+    result = reselect_channels(plan.teacher, plan.student, plan.pairs, data.arrays, ["CPUExecutionProvider"], 64)
+    assert [(g.producers, g.changed) for g in result.groups] == [(("c",), 4)]
+    np.testing.assert_array_equal(next(p.kept for p in result.pairs if p.student.name == "c"), np.arange(4))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in result.student.graph.initializer}
+    np.testing.assert_array_equal(inits["fc.w"], onnx.numpy_helper.to_array(
+        {t.name: t for t in plan.teacher.graph.initializer}["fc.w"])[:, :16])
