@@ -106,7 +106,7 @@ def main() -> None:
     row("pruned student (50 % of expansion channels, L1)", logits(student, XTEST), None)
     plain = dict(reselect=False, augment="none")
     variants = [
-        ("fit `q` (today's default)", dict(plain, solver="q")),
+        ("fit `q` (the default before issue 7)", dict(plain, solver="q")),
         ("fit `full`", dict(plain, solver="full")),
         ("fit `auto` solver", dict(plain, solver="auto")),
         ("fit `q` + re-selection", dict(solver="q", augment="none")),
