@@ -72,8 +72,10 @@ def polish_weights(student: onnx.ModelProto, inputs: dict[str, np.ndarray], targ
 
     start = time.perf_counter()
     torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (not measured on a GPU yet)
     module = onnx2torch.convert(_copy(student)).eval()
-    bindings = _bind_parameters(module, student)
+    bindings = _bind_parameters(module, student)  # on the CPU; .to() keeps the same Parameter objects
+    module.to(device)
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     for parameter, _, _ in bindings:
@@ -82,13 +84,13 @@ def polish_weights(student: onnx.ModelProto, inputs: dict[str, np.ndarray], targ
         raise FskdError("--polish found no trainable weights the student's initializers map to")
     optimiser = torch.optim.Adam([p for p, _, _ in bindings], lr=lr)
     names = [i.name for i in student.graph.input if i.name in inputs]
-    tensors = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in names]
-    target = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+    tensors = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(device) for n in names]
+    target = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)).to(device)
     rng = np.random.default_rng(seed)
     losses = []
     count = len(target)
     for _ in range(steps):
-        index = torch.from_numpy(rng.choice(count, size=min(batch_size, count), replace=False))
+        index = torch.from_numpy(rng.choice(count, size=min(batch_size, count), replace=False)).to(device)
         output = module(*[t[index] for t in tensors])
         want = target[index]
         loss = torch.sum((output - want) ** 2) / torch.sum(want**2).clamp_min(1e-12)
@@ -97,7 +99,7 @@ def polish_weights(student: onnx.ModelProto, inputs: dict[str, np.ndarray], targ
         optimiser.step()
         losses.append(float(loss.detach()))
     polished = _copy(student)
-    values = {name: transform(p.detach().numpy()) for p, name, transform in bindings}
+    values = {name: transform(p.detach().cpu().numpy()) for p, name, transform in bindings}
     for tensor in polished.graph.initializer:
         if tensor.name in values:
             dtype = numpy_helper.to_array(tensor).dtype
