@@ -29,6 +29,7 @@ from .data import input_specs
 from .graph import GraphIndex
 from .ops.base import attribute
 from .pairing import ChannelMapper, MapEntry, PointPair, read_map
+from .points import find_points
 from .runtime import batches, make_session, run_batched
 
 # A consumer input wider than this (e.g. a large Flatten→Gemm) is not used: its Gram would not fit.
@@ -371,8 +372,6 @@ def _updated_pairs(pairs: list[PointPair], changed: list[Group], state: dict[int
                    s_graph: GraphIndex) -> list[PointPair]:
     """Pairs pointing at the rewritten student's points (their BN chains changed), with the new kept
     channels for every point whose output carries a re-selected group."""
-    from .points import find_points
-
     points = find_points(s_graph).by_name()
     carried: dict[str, np.ndarray] = {}
     for group in changed:
