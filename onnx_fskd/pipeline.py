@@ -255,7 +255,7 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
         s, t = pair.student, pair.teacher
         use_sum = bool(config.residual_target == "sum" and s.residual_skip and t.residual_skip
                        and (s.residual_skip in fitted_outputs or s.residual_skip not in point_outputs))
-        want_input = choose_solver(config.solver, s, plan.s_graph) == "full"
+        want_input = choose_solver(config.solver, s, plan.s_graph, rows.fit.stop - rows.fit.start) == "full"
         s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []) + ([s.input] if want_input else []))
         t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []),
                               prefetch=_teacher_prefetch(pairs[index + 1:], t_run, plan.t_graph, len(samples),

@@ -22,22 +22,24 @@ def wide_then_narrow():
 def test_policy_per_point():
     graph = GraphIndex(mobile_net())
     points = find_points(graph).by_name()
-    chosen = {name: choose_solver("auto", p, graph) for name, p in points.items()}
+    chosen = {name: choose_solver("auto", p, graph, 200) for name, p in points.items()}
     assert chosen == {"stem": "full", "dw1": "q", "pw1": "full", "gc1": "q", "fc": "full"}
+    # too few rows for the Gemm's 32 input features (one row per sample): q, not an overfitted full
+    assert choose_solver("auto", points["fc"], graph, 100) == "q" and choose_solver("auto", points["pw1"], graph, 1) == "full"
     assert patch_features(points["stem"], graph) == 3 * 3 * 3
-    assert {choose_solver("q", p, graph) for p in points.values()} == {"q"}
+    assert {choose_solver("q", p, graph, 100) for p in points.values()} == {"q"}
     wide = GraphIndex(wide_then_narrow())
     narrow = find_points(wide).by_name()["narrow"]
     assert patch_features(narrow, wide) == 400 > FULL_MAX_COST_RATIO * narrow.channels
-    assert choose_solver("auto", narrow, wide) == "q" and choose_solver("full", narrow, wide) == "full"
+    assert choose_solver("auto", narrow, wide, 10_000) == "q" and choose_solver("full", narrow, wide, 10) == "full"
 
 
 def test_fit_reports_the_solver_each_point_got():
     teacher = mobile_net()
-    report = fit(teacher, teacher, Samples(random_inputs(teacher, 16)), FitConfig(solver="auto")).report
+    report = fit(teacher, teacher, Samples(random_inputs(teacher, 200)), FitConfig(solver="auto")).report
     assert report.solver == "auto"
     assert {p.student: p.solver for p in report.points} == {"stem": "full", "dw1": "q", "pw1": "full", "gc1": "q", "fc": "full"}
     model = wide_then_narrow()
-    report = fit(model, model, Samples(random_inputs(model, 16)), FitConfig(solver="auto")).report
+    report = fit(model, model, Samples(random_inputs(model, 200)), FitConfig(solver="auto")).report
     assert {p.student: p.solver for p in report.points} == {"h": "full", "narrow": "q"}
     assert np.isfinite(report.after.relative_error)
