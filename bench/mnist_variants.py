@@ -21,8 +21,8 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 # the stages before the fit (re-selection, flips) on top of each solver.
 _PLAIN = dict(reselect=False, augment="none")
 VARIANTS = [
-    dict(_PLAIN), dict(_PLAIN, residual_target="plain"), dict(_PLAIN, points="block-ends"),
-    dict(_PLAIN, mode="parallel"), dict(_PLAIN, solver="full"), dict(_PLAIN, solver="full", residual_target="plain"),
+    dict(_PLAIN, solver="q"), dict(_PLAIN, solver="q", residual_target="plain"),
+    dict(_PLAIN, solver="q", points="block-ends"), dict(_PLAIN, solver="q", mode="parallel"), dict(_PLAIN, solver="full"), dict(_PLAIN, solver="full", residual_target="plain"),
     dict(_PLAIN, solver="full", points="block-ends"), dict(_PLAIN, solver="full", mode="parallel"),
     dict(_PLAIN, solver="auto"),
     dict(solver="q", augment="none"), dict(solver="full", augment="none"), dict(solver="auto", augment="none"),
