@@ -17,10 +17,16 @@ from onnx_fskd.pipeline import FitConfig, fit
 from onnx_fskd.runtime import make_session, run_batched
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+# The closed-form fit alone (re-selection and augmentation off), then the per-point solver policy and
+# the stages before the fit (re-selection, flips) on top of each solver.
+_PLAIN = dict(reselect=False, augment="none")
 VARIANTS = [
-    dict(), dict(residual_target="plain"), dict(points="block-ends"), dict(mode="parallel"),
-    dict(solver="full"), dict(solver="full", residual_target="plain"), dict(solver="full", points="block-ends"),
-    dict(solver="full", mode="parallel"),
+    dict(_PLAIN, solver="q"), dict(_PLAIN, solver="q", residual_target="plain"),
+    dict(_PLAIN, solver="q", points="block-ends"), dict(_PLAIN, solver="q", mode="parallel"), dict(_PLAIN, solver="full"), dict(_PLAIN, solver="full", residual_target="plain"),
+    dict(_PLAIN, solver="full", points="block-ends"), dict(_PLAIN, solver="full", mode="parallel"),
+    dict(_PLAIN, solver="auto"),
+    dict(solver="q", augment="none"), dict(solver="full", augment="none"), dict(solver="auto", augment="none"),
+    dict(solver="q", augment="flip"), dict(solver="full", augment="flip"), dict(solver="auto", augment="flip"),
 ]
 
 
@@ -30,8 +36,9 @@ def logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     test = np.load(SAMPLES / "test.npz")
-    print("| net | solver | mode | points | residual target | test accuracy | agreement with teacher | output rel. error | fit time |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| net | solver | mode | points | residual target | re-selection | augmentation | test accuracy | "
+          "agreement with teacher | output rel. error | fit time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for net in ("vgg", "resnet"):
         teacher = onnx.load(SAMPLES / f"{net}_teacher.onnx")
         student = onnx.load(SAMPLES / f"{net}_student.onnx")
@@ -39,7 +46,7 @@ def main() -> None:
         reference = logits(teacher, test["input"])
         for name, model in (("teacher", teacher), ("student (no recovery)", student)):
             out = logits(model, test["input"])
-            print(f"| {net} | {name} | | | | {accuracy(out, test['labels']):.1%} | "
+            print(f"| {net} | {name} | | | | | | {accuracy(out, test['labels']):.1%} | "
                   f"{top1_agreement(out, reference):.1%} | {relative_error(out, reference):.3f} | |")
         for variant in VARIANTS:
             config = FitConfig(**variant)
@@ -47,7 +54,10 @@ def main() -> None:
             result = fit(teacher, student, calib, config)
             seconds = time.perf_counter() - start
             out = logits(result.model, test["input"])
+            changed = sum(g["changed"] for g in result.report.reselection)
+            reselection = f"{changed} ch. changed" if config.reselect else "off"
             print(f"| {net} | {config.solver} | {config.mode} | {config.points} | {config.residual_target} | "
+                  f"{reselection} | {config.augment} | "
                   f"{accuracy(out, test['labels']):.1%} | {top1_agreement(out, reference):.1%} | "
                   f"{relative_error(out, reference):.3f} | {seconds:.1f} s |", flush=True)
 

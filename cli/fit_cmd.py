@@ -54,9 +54,10 @@ _DEFAULTS = FitConfig()
               help="auto: every paired Conv/Gemm/MatMul; block-ends: the last linear op of each block only.")
 @click.option("--residual-target", type=click.Choice(["sum", "plain"]), default=_DEFAULTS.residual_target,
               show_default=True, help="For a point feeding a residual Add: match the teacher's sum, or its own output.")
-@click.option("--solver", type=click.Choice(["q", "full"]), default=_DEFAULTS.solver, show_default=True,
+@click.option("--solver", type=click.Choice(["q", "full", "auto"]), default=_DEFAULTS.solver, show_default=True,
               help="q: the paper's C×C map after each op (fast); full: refit each op's whole weight from its "
-                   "input patches (recovers more, statistics cost ~k²·C_in/C_out times q's).")
+                   "input patches (recovers more, statistics cost ~k²·C_in/C_out times q's); auto: full where "
+                   "that cost is small, q elsewhere.")
 @click.option("--ridge", type=FiniteFloat(low=0), default=_DEFAULTS.ridge, show_default=True,
               help="Ridge strength relative to the Gram trace; Q is shrunk towards identity.")
 @click.option("--holdout", type=FiniteFloat(0, 1, high_open=True), default=_DEFAULTS.holdout, show_default=True,
@@ -68,6 +69,18 @@ _DEFAULTS = FitConfig()
               help="ONNX Runtime provider; auto takes CUDA when onnxruntime-gpu can use it.")
 @click.option("--map", "map_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON map of teacher→student points and kept channels (see README), when pairing is ambiguous.")
+@click.option("--reselect/--no-reselect", default=_DEFAULTS.reselect, show_default=True,
+              help="Before the fit, re-choose which teacher channels a pruned student keeps, from the data "
+                   "(needs the channel map: ours, --map, or found from weights).")
+@click.option("--augment", type=click.Choice(["auto", "none", "flip", "flip+shift"]), default=_DEFAULTS.augment,
+              show_default=True, help="Extra fit rows from image samples: horizontal flips (auto: for image "
+                                      "inputs only), optionally ±2-pixel shifts.")
+@click.option("--polish", "polish_steps", type=click.IntRange(min=0), default=_DEFAULTS.polish_steps,
+              show_default=True, metavar="STEPS",
+              help="After the closed form, STEPS Adam steps of unlabeled distillation on the outputs, kept only "
+                   "if the held-out error drops (needs the 'polish' extra: PyTorch, onnx2torch).")
+@click.option("--polish-lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.polish_lr,
+              show_default=True, help="Learning rate of --polish.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Also write the fit report as JSON ('-': to stdout, the tables then go to stderr; an existing "
                    "file needs --force).")
@@ -83,8 +96,9 @@ _DEFAULTS = FitConfig()
 def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: float | None, rank_ratio: float | None,
                 student_out: Path | None, data_path: Path | None, output_path: Path | None,
                 num_samples: int | None, mode: str, points: str, residual_target: str, solver: str, ridge: float,
-                holdout: float, batch_size: int, provider: str, map_path: Path | None,
-                report_path: Path | None, seed: int, keep_map: bool, force: bool, input_shapes, **image) -> None:
+                holdout: float, batch_size: int, provider: str, map_path: Path | None, reselect: bool,
+                augment: str, polish_steps: int, polish_lr: float, report_path: Path | None, seed: int,
+                keep_map: bool, force: bool, input_shapes, **image) -> None:
     """Recover a compressed student of TEACHER.onnx from a few unlabeled samples.
 
     Fits one least-squares correction per point of the student so its outputs follow the teacher's,
@@ -119,7 +133,8 @@ def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: floa
     check_compatible(teacher, student)
     samples = load_samples(data_path, input_specs(student), num_samples, build_image_options(**image))
     config = FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver, ridge=ridge,
-                       holdout=holdout, batch_size=batch_size, provider=provider, seed=seed)
+                       holdout=holdout, batch_size=batch_size, provider=provider, seed=seed,
+                       reselect=reselect, augment=augment, polish_steps=polish_steps, polish_lr=polish_lr)
     console = human_console(data_on_stdout=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
@@ -179,6 +194,17 @@ def _print_report(console: Console, report: FitReport, output_path: Path) -> Non
         console.print(f"skipped {skipped['node']}: {skipped['reason']}", markup=False, highlight=False)
     if report.rejected:
         console.print(f"guard rejected {len(report.rejected)} point(s): {', '.join(report.rejected)}")
+    for group in report.reselection:
+        line = (f"{group['changed']} of {group['kept']} kept channels changed, consumer reconstruction error "
+                f"{group['error_before']:.4f} → {group['error_after']:.4f}" if group["error_before"] is not None
+                else f"not re-selected: {group['note']}")
+        console.print(f"re-selection {', '.join(group['producers'])}: {line}", markup=False, highlight=False)
+    if report.samples_augmented:
+        console.print(f"augmentation {report.augmentation}: {report.samples_augmented} extra fit rows")
+    if report.polish:
+        p = report.polish
+        console.print(f"polish {p['steps']} steps ({p['seconds']:.1f}s, {p['parameters']} weights): written model "
+                      f"relative error {p['relative_error_before']:.4f} → {p['relative_error_after']:.4f}, {p['status']}")
     b, a, w = report.before, report.after, report.written_in_sample
     if held_out:
         console.print(f"output vs teacher, held-out ({report.samples_heldout} samples no correction was fitted on): "

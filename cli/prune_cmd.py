@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -10,9 +11,12 @@ from rich.table import Table
 from onnx_fskd.compress import CompressResult, prune_model
 from onnx_fskd.compress.prune import check_prune_options
 from onnx_fskd.compress.summary import summarize
+from onnx_fskd.data import input_specs, load_samples
 from onnx_fskd.model_io import load_model, write_model
 from onnx_fskd.normalize import folded_node_count
 from onnx_fskd.outputs import OutputSet, protected_files
+from onnx_fskd.pairing import read_map
+from onnx_fskd.pipeline import reselect_student
 from onnx_fskd.provenance import stamp_producer
 
 from onnx_fskd.costs import check_input_shapes
@@ -37,28 +41,44 @@ from .output import human_console, output_options
 @click.option("--prune-residual/--keep-residual", default=False, show_default=True,
               help="Prune the layers a residual Add couples, as one group with one kept set (default: keep them).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --criterion random.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None,
+              help="Unlabeled samples: re-choose each group's kept channels from the data (which teacher "
+                   "channels best reconstruct the next layer's output) instead of by --criterion alone.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="With --data: use only the first N samples.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @input_shapes_option
 @output_options
 @reports_errors
 def prune_command(model_path: Path, ratio: float, head_ratio: float | None, output_path: Path, criterion: str,
-                  global_: bool, exclude: str | None, round_to: int, prune_residual: bool, seed: int, force: bool,
-                  input_shapes) -> None:
+                  global_: bool, exclude: str | None, round_to: int, prune_residual: bool, seed: int,
+                  data_path: Path | None, num_samples: int | None, force: bool, input_shapes) -> None:
     """Remove --ratio of the output channels of MODEL.onnx's Conv/Gemm/MatMul layers (with everything that
     reads them), keep node names, inputs and outputs, and write -o with the teacher→student map that
     `onnx-fskd fit` uses."""
     check_prune_options(ratio, criterion, exclude, round_to, head_ratio)
     shapes = build_input_shapes(input_shapes)
-    outputs = OutputSet(protected_files([model_path]), force)
+    outputs = OutputSet(protected_files([model_path] + ([data_path] if data_path else [])), force)
     outputs.claim(output_path, "-o")
     model = load_model(model_path)
     check_input_shapes(model, shapes)
+    samples = load_samples(data_path, input_specs(model), num_samples) if data_path else None
     folded = folded_node_count(model)
     result = prune_model(model, ratio, criterion=criterion, global_=global_, exclude=exclude, round_to=round_to,
                          prune_residual=prune_residual, seed=seed, head_ratio=head_ratio)
+    reselection = None
+    if samples is not None:
+        reselection = reselect_student(model, result.model, samples)
+        result = replace(result, model=reselection.student, entries=read_map(None, reselection.student)[0])
     with outputs.commit_on_success():
         outputs.stage(output_path, lambda path: write_model(stamp_producer(result.model), path, like=model))
     print_summary(model, result, "pruning", "channels in→out", output_path, folded, shapes)
+    if reselection is not None:
+        console = human_console()
+        for group in reselection.groups:
+            line = (f"{group.changed} of {group.kept} kept channels changed by the data, next layer's reconstruction "
+                    f"error {group.error_before:.4f} → {group.error_after:.4f}" if group.error_before is not None
+                    else f"kept as pruned: {group.note}")
+            console.print(f"re-selection {', '.join(group.producers)}: {line}", markup=False, highlight=False)
 
 
 def print_summary(teacher, result: CompressResult, title: str, change_label: str, output_path: Path,

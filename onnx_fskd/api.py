@@ -65,7 +65,9 @@ def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSour
         residual_target: str = _DEFAULTS.residual_target, ridge: float = _DEFAULTS.ridge,
         holdout: float = _DEFAULTS.holdout, seed: int = _DEFAULTS.seed, batch_size: int = _DEFAULTS.batch_size,
         provider: str = _DEFAULTS.provider, num_samples: int | None = None, images: ImageOptions | None = None,
-        map_path: str | os.PathLike | None = None, keep_map: bool = False) -> FitResult:
+        map_path: str | os.PathLike | None = None, keep_map: bool = False, reselect: bool = _DEFAULTS.reselect,
+        augment: str = _DEFAULTS.augment, polish_steps: int = _DEFAULTS.polish_steps,
+        polish_lr: float = _DEFAULTS.polish_lr) -> FitResult:
     """Recover ``student`` (or the teacher compressed by ``prune``/``decompose``; with none of the three,
     ``prune=DEFAULT_PRUNE_RATIO``) from ``data``; the other options are `onnx-fskd fit`'s."""
     if sum(option is not None for option in (student, prune, decompose)) > 1:
@@ -75,7 +77,9 @@ def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSour
     if data is None:
         raise UsageError(NO_DATA_MESSAGE)
     settings = pipeline.FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver,
-                                  ridge=ridge, holdout=holdout, batch_size=batch_size, provider=provider, seed=seed)
+                                  ridge=ridge, holdout=holdout, batch_size=batch_size, provider=provider, seed=seed,
+                                  reselect=reselect, augment=augment, polish_steps=polish_steps,
+                                  polish_lr=polish_lr)
     teacher_model = _model(teacher)
     student_model = _model(student) if student is not None else \
         pipeline.make_student(teacher_model, prune, decompose).model

@@ -7,7 +7,7 @@ import heapq
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -15,7 +15,9 @@ import onnx
 from .data import Samples, input_specs
 from .errors import FskdError
 from .compress import CompressResult, decompose_model, prune_model
+from .augment import AUGMENTATIONS, augment_fit_rows
 from .compress.prune import check_prune_options
+from .compress.result import write_map
 from .correct import FitSettings, PointFit, Rows, fit_adapter, fit_weights
 from .fuse import ModelWriter, WeightUpdate, unwritable_reason, write_update
 from .graph import GraphIndex
@@ -24,6 +26,8 @@ from .normalize import Normalised, normalise, normalise_for_merge
 from .pairing import ChannelMapper, PointPair, match_activations, pair_points, read_map
 from .points import CorrectionPoint, find_points
 from .report import HELD_OUT, IN_SAMPLE, FitReport, OutputMetrics
+from .reselect import Reselection, reselect_channels, updated_map
+from .solver_policy import SOLVERS, choose_solver
 from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
 from .segments import SegmentRunner
 from .solve import Adapter
@@ -41,13 +45,17 @@ class FitConfig:
     mode: str = "sequential"          # sequential | parallel
     points: str = "auto"              # auto | block-ends
     residual_target: str = "sum"      # sum | plain
-    solver: str = "q"                 # q | full
+    solver: str = "auto"              # q | full | auto (solver_policy.py: full where cheap, else q)
     ridge: float = 1e-3
     holdout: float = 0.2
     batch_size: int = DEFAULT_BATCH
     provider: str = "auto"
     seed: int = 0
     verify_samples: int = 8
+    reselect: bool = True             # re-choose a pruned student's kept channels from the data first
+    augment: str = "auto"             # auto | none | flip | flip+shift (auto: flip for image inputs)
+    polish_steps: int = 0             # gradient steps of unlabeled distillation after the closed form
+    polish_lr: float = 1e-4
 
 
 @dataclass
@@ -90,20 +98,116 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
     fit_index, held_index = split_holdout(len(samples), config.holdout, config.seed)
     samples = samples.take(np.concatenate([fit_index, held_index]))  # fit rows first: chunks are views
     rows = Rows(slice(0, len(fit_index)), slice(len(fit_index), len(samples)))
+    samples, rows, augmentation = augment_fit_rows(samples, rows, input_specs(plan.student), config.augment)
     report = FitReport(provider="", mode=config.mode, points_option=config.points,
                        residual_target=config.residual_target, solver=config.solver, samples_fit=len(fit_index),
                        samples_heldout=len(held_index),
-                       skipped=[{"node": n, "reason": r} for n, r in plan.skipped])
+                       skipped=[{"node": n, "reason": r} for n, r in plan.skipped],
+                       augmentation=augmentation.kind, samples_augmented=augmentation.added)
     providers = resolve_providers(config.provider)
+    pruned_student = plan.student
+    if config.reselect:
+        plan = _reselect(plan, samples, rows, config, providers, report)
+        clock.lap("reselect")
     fitted = _fit_points(plan, samples, rows, config, providers, report, progress)
     clock.lap("fit")
     merged = _merged(plan, [(p, f.update) for p, f in fitted.fits])
     judged = _merged(plan, [(p, f.judged) for p, f in fitted.fits]) if len(held_index) else None
     clock.lap("merge")
     _verify(plan.student, merged, judged, fitted, samples, rows, config, providers, report)
+    verify_rows = rows.held if judged is not None else rows.fit
+    if plan.student is not pruned_student:  # "before" is the student as given, not the re-selected one
+        report.before = _output_metrics(pruned_student, {k: v[verify_rows] for k, v in samples.arrays.items()},
+                                        fitted.teacher_outputs[verify_rows], config, providers)
     clock.lap("verify")
+    if config.polish_steps:
+        merged = _polish(merged, samples, rows, fitted.teacher_outputs, verify_rows, config, providers, report)
+        clock.lap("polish")
     report.seconds = clock.laps
     return FitResult(merged, report, {p.name: f.adapter for p, f in fitted.fits if f.adapter is not None})
+
+
+def _reselect(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, providers: list[str],
+              report: FitReport) -> _Plan:
+    """Channel re-selection (reselect.py) on the fit rows; the plan then carries the rewritten student
+    and the pairs with their new kept channels, and the student's map metadata follows them."""
+    fit_arrays = {k: v[rows.fit] for k, v in samples.arrays.items()}
+    result = reselect_channels(plan.teacher, plan.student, plan.pairs, fit_arrays, providers, config.batch_size,
+                               _writable(plan.student_loaded.original))
+    report.reselection = [asdict(group) for group in result.groups]
+    if not result.changed:
+        return replace(plan, pairs=result.pairs)
+    return replace(plan, student=result.student, student_loaded=_reselected_original(plan, result),
+                   s_graph=GraphIndex(result.student), pairs=result.pairs)
+
+
+def _writable(original: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Initializers of the student as loaded (what the merge writes into), with their shapes."""
+    return {t.name: tuple(t.dims) for t in original.graph.initializer}
+
+
+def _reselected_original(plan: _Plan, result: Reselection) -> Normalised:
+    """The student as loaded with the re-selected initializers (same names there, by construction of
+    ``writable``) and the updated channel map in its metadata; the folded copy is ``result.student``."""
+    original = onnx.ModelProto()
+    original.CopyFrom(plan.student_loaded.original)
+    for tensor in original.graph.initializer:
+        if tensor.name in result.initializers:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(result.initializers[tensor.name], tensor.name))
+    entries = updated_map(plan.student, result.pairs)
+    if entries is not None:
+        write_map(original, entries)
+        write_map(result.student, entries)
+    return replace(plan.student_loaded, original=original, folded=result.student)
+
+
+def reselect_student(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples,
+                     config: FitConfig = FitConfig(), map_path: str | None = None) -> Reselection:
+    """Re-selection on its own (``prune --data``): the student with data-chosen channels and its map
+    updated in the metadata; no fit. All samples are used (there is no guard to hold any out for)."""
+    plan = _analyse(teacher, student, config, map_path)
+    samples, rows, _ = augment_fit_rows(samples, Rows(slice(0, len(samples)), slice(len(samples), len(samples))),
+                                        input_specs(plan.student), config.augment)
+    result = reselect_channels(plan.teacher, plan.student, plan.pairs, samples.arrays,
+                               resolve_providers(config.provider), config.batch_size,
+                               _writable(plan.student_loaded.original))
+    if not result.changed:
+        return replace(result, student=student)
+    loaded = _reselected_original(plan, result)
+    return replace(result, student=loaded.restore_names(loaded.original))
+
+
+def _output_metrics(model: onnx.ModelProto, feeds: dict[str, np.ndarray], reference: np.ndarray,
+                    config: FitConfig, providers: list[str]) -> OutputMetrics:
+    out_name = model.graph.output[0].name
+    output = run_batched(make_session(model, providers), feeds, [out_name], config.batch_size,
+                         input_specs(model)[0].batch_dim)[out_name]
+    metric = choose_metric(model, out_name)
+    return OutputMetrics.of(compare(output, reference, metric, padding_mask(feeds, output)), metric)
+
+
+def _polish(merged: onnx.ModelProto, samples: Samples, rows: Rows, teacher_outputs: np.ndarray, verify_rows: slice,
+            config: FitConfig, providers: list[str], report: FitReport) -> onnx.ModelProto:
+    """Gradient polish (polish.py) from the written closed-form model, trained on the fit rows and kept
+    only if the written model's output on the verify rows gets closer to the teacher's."""
+    from .polish import polish_weights
+
+    held = {k: v[verify_rows] for k, v in samples.arrays.items()}
+    result = polish_weights(merged, {k: v[rows.fit] for k, v in samples.arrays.items()}, teacher_outputs[rows.fit],
+                            config.polish_steps, config.polish_lr, config.batch_size, config.seed)
+    after = _output_metrics(result.model, held, teacher_outputs[verify_rows], config, providers)
+    before = report.written_in_sample
+    kept = after.relative_error < before.relative_error
+    report.polish = {"steps": config.polish_steps, "lr": config.polish_lr, "parameters": result.parameters,
+                     "loss_first": result.loss_first, "loss_last": result.loss_last,
+                     "relative_error_before": before.relative_error, "relative_error_after": after.relative_error,
+                     "agreement_after": after.agreement, "status": "kept" if kept else "rejected",
+                     "seconds": result.seconds}
+    if not kept:
+        return merged
+    check_model(result.model)
+    report.written_in_sample = after
+    return result.model
 
 
 def _analyse(teacher: onnx.ModelProto, student: onnx.ModelProto, config: FitConfig, map_path: str | None) -> _Plan:
@@ -151,7 +255,7 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
         s, t = pair.student, pair.teacher
         use_sum = bool(config.residual_target == "sum" and s.residual_skip and t.residual_skip
                        and (s.residual_skip in fitted_outputs or s.residual_skip not in point_outputs))
-        want_input = config.solver == "full"
+        want_input = choose_solver(config.solver, s, plan.s_graph, rows.fit.stop - rows.fit.start) == "full"
         s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []) + ([s.input] if want_input else []))
         t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []),
                               prefetch=_teacher_prefetch(pairs[index + 1:], t_run, plan.t_graph, len(samples),
@@ -374,8 +478,8 @@ def _check_config(config: FitConfig) -> None:
         raise FskdError(f"--mode must be sequential or parallel, got {config.mode}")
     if config.points not in ("auto", "block-ends"):
         raise FskdError(f"--points must be auto or block-ends, got {config.points}")
-    if config.solver not in ("q", "full"):
-        raise FskdError(f"--solver must be q or full, got {config.solver}")
+    if config.solver not in SOLVERS:
+        raise FskdError(f"--solver must be one of {', '.join(SOLVERS)}, got {config.solver}")
     if config.residual_target not in ("sum", "plain"):
         raise FskdError(f"--residual-target must be sum or plain, got {config.residual_target}")
     if not 0 <= config.holdout < 1:  # False for NaN too
@@ -384,6 +488,14 @@ def _check_config(config: FitConfig) -> None:
         raise FskdError(f"--ridge must be a finite number >= 0, got {config.ridge}")
     if config.batch_size <= 0:
         raise FskdError(f"--batch-size must be positive, got {config.batch_size}")
+    if config.augment not in AUGMENTATIONS:
+        raise FskdError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {config.augment}")
+    if config.polish_steps < 0 or config.polish_lr <= 0:
+        raise FskdError("--polish needs steps >= 0 and a positive learning rate")
+    if config.polish_steps:
+        from .polish import require_torch
+
+        require_torch()
 
 
 class _Clock:

@@ -68,6 +68,10 @@ class FitReport:
     warnings: list[str] = field(default_factory=list)
     # versions, every option, the seed and each input's SHA-256 (provenance.run_record), to reproduce a run
     run: dict = field(default_factory=dict)
+    augmentation: str = "none"        # extra fit rows made from the samples: none | flip | flip+shift
+    samples_augmented: int = 0
+    reselection: list[dict] = field(default_factory=list)  # per pruned group: channels changed, errors
+    polish: dict | None = None        # the gradient polish, when asked for
 
     @property
     def rejected(self) -> list[str]:

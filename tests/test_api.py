@@ -57,7 +57,7 @@ def test_path_form_recovers_and_reports(setup):
     assert report["after"]["relative_error"] < 0.8 * report["before"]["relative_error"]
     assert report["written_in_sample"]["relative_error"] < 0.5 * report["before"]["relative_error"]
     assert report["run"]["inputs"]["data"]["sha256"] == hashlib.sha256(paths["data"].read_bytes()).hexdigest()
-    assert report["run"]["options"]["solver"] == "q" and report["run"]["seed"] == 0
+    assert report["run"]["options"]["solver"] == "auto" and report["run"]["seed"] == 0
 
 
 @pytest.mark.parametrize("form", ["dict", "iterable of feed dicts", "generator", "get_next reader"])
@@ -115,7 +115,7 @@ def test_evaluate_returns_eval_json(setup):
     (lambda p, a: onnx_fskd.fit(p["teacher"], p["student"], [1, 2]), "expected a dict"),
     (lambda p, a: onnx_fskd.fit(p["teacher"], p["student"], {"x": a["input"], "y": a["input"]}), "lacks arrays"),
     (lambda p, a: onnx_fskd.fit(p["teacher"], p["student"], a, prune=0.5), "at most one"),
-    (lambda p, a: onnx_fskd.fit(p["teacher"], p["student"], a, solver="qq"), "--solver must be q or full"),
+    (lambda p, a: onnx_fskd.fit(p["teacher"], p["student"], a, solver="qq"), "--solver must be one of q, full, auto"),
     (lambda p, a: onnx_fskd.evaluate(p["teacher"], a), "nothing to compare"),
     (lambda p, a: onnx_fskd.fit(3, p["student"], a), "a model is a path"),
 ])

@@ -180,7 +180,7 @@ def test_one_step_prune_and_fit(files, tmp_path):
     result = run(*args)
     assert result.exit_code == 0, result.output
     document = json.loads(report.read_text())
-    assert {p["channel_map"] for p in document["points"]} == {"metadata"}
+    assert {p["channel_map"] for p in document["points"]} <= {"metadata", "reselected"}  # re-selection is on
     costs = {c["name"]: c for c in document["costs"]}
     assert costs["student"]["macs"] == costs["recovered"]["macs"] < costs["teacher"]["macs"]
     assert costs["student"]["params"] < 0.5 * costs["teacher"]["params"]

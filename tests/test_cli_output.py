@@ -64,7 +64,7 @@ def test_fit_report_to_stdout_records_versions_options_seed_and_digests(files, t
     assert "FSKD fit" in result.stderr and f"wrote {out}" in result.stderr
     run_section = report["run"]
     assert run_section["seed"] == 7 and run_section["options"]["seed"] == 7
-    assert run_section["options"]["solver"] == "q" and run_section["options"]["output_path"] == str(out)
+    assert run_section["options"]["solver"] == "auto" and run_section["options"]["output_path"] == str(out)
     assert run_section["versions"]["onnx-fskd"] == __version__ and run_section["versions"]["onnx"] == onnx.__version__
     for role in ("model", "student", "data"):
         name = "teacher" if role == "model" else role

@@ -138,7 +138,7 @@ def test_guard_rejects_points_that_do_not_help():
 def test_guard_rejects_an_overfitted_q():
     teacher = matmul_mlp()
     student = perturbed(teacher, 0.02)
-    result = fit(teacher, student, Samples(random_inputs(teacher, 8)), FitConfig(holdout=0.5, ridge=0.0))
+    result = fit(teacher, student, Samples(random_inputs(teacher, 8)), FitConfig(holdout=0.5, ridge=0.0, solver="q"))
     rejected = [p for p in result.report.points if p.status == "rejected"]
     assert rejected and all(p.error_after >= p.error_before * (1 - 1e-3) for p in rejected)
     assert all(p.student not in result.adapters for p in rejected)
@@ -147,7 +147,8 @@ def test_guard_rejects_an_overfitted_q():
 def test_pruned_channels_found_from_weights():
     teacher = vgg_net()
     keep = {"c1": np.arange(0, 16, 2), "c2": np.arange(8), "c3": np.arange(16, 32), "c4": np.arange(0, 32, 2), "f1": np.arange(24)}
-    report = fit(teacher, prune_by_slicing(teacher, keep), Samples(random_inputs(teacher, 64))).report
+    report = fit(teacher, prune_by_slicing(teacher, keep), Samples(random_inputs(teacher, 64)),
+                 FitConfig(reselect=False)).report
     maps = {p.student: p.channel_map for p in report.points}
     assert maps == {"c1": "weights", "c2": "weights", "c3": "weights", "c4": "weights", "f1": "weights", "f2": "identity"}
 

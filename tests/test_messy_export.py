@@ -93,7 +93,7 @@ def _without_tensor_values(node: onnx.NodeProto) -> onnx.NodeProto:
 def _fit_messy():
     teacher, student = messy_export(), messy_export(noise=0.3)
     samples = Samples(random_inputs(teacher, 400))
-    return teacher, student, samples, fit(teacher, student, samples, FitConfig(holdout=0.25))
+    return teacher, student, samples, fit(teacher, student, samples, FitConfig(holdout=0.25, solver="q"))
 
 
 def test_written_model_is_the_students_graph_node_for_node():

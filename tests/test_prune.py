@@ -22,7 +22,7 @@ from onnx_fskd.evaluation import evaluate
 from onnx_fskd.graph import GraphIndex
 from onnx_fskd.ops import linear_op_for
 from onnx_fskd.pairing import MAP_METADATA_KEY, read_map
-from onnx_fskd.pipeline import fit
+from onnx_fskd.pipeline import FitConfig, fit
 from onnx_fskd.points import find_points
 
 CASES = {
@@ -223,7 +223,7 @@ def test_fit_uses_the_map_and_recovers():
     teacher = vgg_net()
     student = prune_model(teacher, 0.5).model
     samples = Samples(random_inputs(teacher, 128, seed=1))
-    report = fit(teacher, student, samples).report
+    report = fit(teacher, student, samples, FitConfig(reselect=False)).report
     assert report.points and {p.channel_map for p in report.points} == {"metadata"}
     assert report.after.relative_error < report.before.relative_error
 

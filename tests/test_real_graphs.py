@@ -145,7 +145,7 @@ def test_fit_nhwc_finds_channels_from_weights_and_residual_targets():
     student = prune_model(teacher, 0.5, prune_residual=True).model
     del student.metadata_props[:]                    # no map: kept channels must come from the weights
     assert all(p.key != MAP_METADATA_KEY for p in student.metadata_props)
-    result = fit(teacher, student, Samples(images(256, 0)))
+    result = fit(teacher, student, Samples(images(256, 0)), FitConfig(reselect=False))  # maps from weights
     report = result.report
     assert {p.channel_map for p in report.points if p.channels < p.teacher_channels} == {"weights"}
     assert not any(p.channel_map.startswith("activations") for p in report.points)
@@ -226,7 +226,7 @@ def test_fit_bert_without_map_finds_kept_heads_and_neurons_from_weights():
     teacher = bert_block()
     student = prune_model(teacher, 0.5, head_ratio=0.25).model
     del student.metadata_props[:]
-    report = fit(teacher, student, Samples(token_batch(128))).report
+    report = fit(teacher, student, Samples(token_batch(128)), FitConfig(reselect=False)).report
     maps = {p.student: p.channel_map for p in report.points}
     assert {maps[name] for name in ("l0.q", "l0.k", "l0.v", "l0.ffn1")} == {"weights"}
     assert report.after.relative_error < report.before.relative_error
