@@ -32,7 +32,7 @@ from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched
 from .segments import SegmentRunner
 from .solve import Adapter
 from .stats import as_rows
-from .verify import EXACTNESS_TOLERANCE, check_model, exactness, with_explicit_adapters
+from .verify import EXACTNESS_TOLERANCE, check_model, exactness, verified_on, with_explicit_adapters
 
 # Memory the teacher may fill ahead with the outputs of upcoming points.
 PREFETCH_BYTES = 1 << 30
@@ -302,13 +302,14 @@ def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, judged: onnx.Mode
     check_model(merged)
     fixed_batch = input_specs(student)[0].batch_dim
     out_name = student.graph.output[0].name
-    student_session, merged_session = (make_session(m, providers) for m in (student, merged))
+    student_session, merged_session = (make_session(m, providers, exact=True) for m in (student, merged))
     report.exactness = exactness(merged_session, _explicit_reference(student, fitted.fits),
                                  {k: v[:config.verify_samples] for k, v in samples.arrays.items()},
                                  providers, config.batch_size, fixed_batch)
+    report.exactness_tolerance, report.verified_on = EXACTNESS_TOLERANCE, verified_on(merged_session)
     if report.exactness > EXACTNESS_TOLERANCE:
         raise FskdError(f"internal: merged model differs from the explicit-Q model by {report.exactness:.2e} "
-                        f"(> {EXACTNESS_TOLERANCE}); nothing written")
+                        f"(> {EXACTNESS_TOLERANCE}, checked on {report.verified_on}); nothing written")
     verify_rows = rows.held if judged is not None else rows.fit
     feeds = {k: v[verify_rows] for k, v in samples.arrays.items()}
     run = lambda model_session: run_batched(model_session, feeds, [out_name], config.batch_size, fixed_batch)[out_name]  # noqa: E731
@@ -329,7 +330,7 @@ def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, judged: onnx.Mode
             f"give at least 2 samples (10+ recommended) and --holdout > 0 for held-out figures")
     else:
         report.measured_on = HELD_OUT
-        report.after = measure(run(make_session(judged, providers)))
+        report.after = measure(run(make_session(judged, providers, exact=True)))
     if report.after.relative_error > report.before.relative_error:
         report.warnings.append(
             f"the recovered model is further from the teacher than the student ({report.measured_on}: "

@@ -44,8 +44,20 @@ def _preload_cuda_libraries() -> None:
             log.warning("onnxruntime.preload_dlls failed: %s", exc)
 
 
-def make_session(model: onnx.ModelProto, providers: list[str]) -> ort.InferenceSession:
-    """A session on the given providers; falls back to CPU (with a warning) when CUDA cannot start."""
+# CUDA runs float32 convs and MatMuls in TF32 by default (about 1e-3 relative): sessions whose numbers
+# are compared at float32 precision (the fit's statistics, the merge check) turn it off.
+EXACT_CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def session_providers(providers: list[str], exact: bool) -> list[str | tuple[str, dict[str, str]]]:
+    """The providers argument for onnxruntime: CUDA with TF32 off when ``exact``."""
+    return [(name, dict(EXACT_CUDA_OPTIONS)) if exact and name == "CUDAExecutionProvider" else name
+            for name in providers]
+
+
+def make_session(model: onnx.ModelProto, providers: list[str], exact: bool = False) -> ort.InferenceSession:
+    """A session on the given providers; falls back to CPU (with a warning) when CUDA cannot start.
+    ``exact``: full float32 (no TF32) on CUDA, for numbers that are checked against each other."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Idle ORT threads otherwise spin for a while after each run, starving the numpy work in between.
@@ -53,10 +65,11 @@ def make_session(model: onnx.ModelProto, providers: list[str]) -> ort.InferenceS
     if "CUDAExecutionProvider" in providers:
         _preload_cuda_libraries()
     try:
+        chosen = session_providers(providers, exact)
         if _weight_bytes(model) < _PROTOBUF_LIMIT // 2:
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
         else:
-            session = _session_from_files(model, options, providers)
+            session = _session_from_files(model, options, chosen)
     except Exception as exc:
         raise FskdError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
     if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in session.get_providers():
@@ -69,7 +82,8 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
 
 
-def _session_from_files(model: onnx.ModelProto, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def _session_from_files(model: onnx.ModelProto, options: ort.SessionOptions,
+                        providers: list[str | tuple[str, dict[str, str]]]) -> ort.InferenceSession:
     """Models over protobuf's 2 GiB limit cannot travel as bytes: ORT reads them from disk with external data."""
     with tempfile.TemporaryDirectory(prefix="onnx_fskd_") as folder:
         copy = onnx.ModelProto()
@@ -81,6 +95,15 @@ def _session_from_files(model: onnx.ModelProto, options: ort.SessionOptions, pro
 
 def session_device(session: ort.InferenceSession) -> str:
     return "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+
+
+def session_precision(session: ort.InferenceSession) -> str:
+    """How the session computes float32, as the report states it: 'fp32' (CPU, or CUDA with TF32 off)
+    or 'tf32' (CUDA's default)."""
+    if "CUDAExecutionProvider" not in session.get_providers():
+        return "fp32"
+    tf32 = session.get_provider_options().get("CUDAExecutionProvider", {}).get("use_tf32", "1")
+    return "fp32" if tf32 == "0" else "tf32"
 
 
 def batches(count: int, batch_size: int) -> Iterator[slice]:

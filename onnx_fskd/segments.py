@@ -80,7 +80,7 @@ class SegmentRunner:
         except ValueError as exc:
             raise FskdError(f"cannot cut a sub-graph at {outputs[0]}: {exc}") from None
         segment.ir_version = self.ir_version
-        session = make_session(segment, self.providers)
+        session = make_session(segment, self.providers, exact=True)
         feeds = {name: self.cache[name] for name in inputs}
         self.cache.update(run_batched(session, feeds, outputs, self.batch_size, self.fixed_batch, self.on_batch,
                                       allocate=self.buffers.empty))

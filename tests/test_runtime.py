@@ -22,21 +22,36 @@ def test_auto_takes_cuda_only_when_onnxruntime_has_it(monkeypatch):
     assert runtime.resolve_providers("cpu") == ["CPUExecutionProvider"]
 
 
-def test_cuda_request_runs_on_cuda_or_falls_back_to_cpu():
-    """Asking for CUDA gives a CUDA session where onnxruntime-gpu can use it, else a working CPU session
-    reported as 'cpu'; either way the outputs are the CPU ones."""
+def test_cuda_sessions_for_checked_numbers_turn_tf32_off():
+    """What a CUDA session is given: TF32 off where float32 numbers are compared, ORT's default elsewhere."""
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runtime.session_providers(both, exact=True) == [("CUDAExecutionProvider", {"use_tf32": "0"}),
+                                                           "CPUExecutionProvider"]
+    assert runtime.session_providers(both, exact=False) == both
+    assert runtime.session_providers(["CPUExecutionProvider"], exact=True) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_cuda_request_runs_on_cuda_or_falls_back_to_cpu(exact):
+    """Asking for CUDA gives a working session: on CUDA (TF32 off when exact) where onnxruntime can use
+    it, else on the CPU, reported as 'cpu'; the outputs match the CPU's."""
     model = vgg_net()
+    cuda_usable = "CUDAExecutionProvider" in runtime.ort.get_available_providers()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        session = runtime.make_session(model, ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    cuda = "CUDAExecutionProvider" in session.get_providers()
-    assert runtime.session_device(session) == ("cuda" if cuda else "cpu")
+        session = runtime.make_session(model, ["CUDAExecutionProvider", "CPUExecutionProvider"], exact=exact)
+    cuda = runtime.session_device(session) == "cuda"
+    assert cuda or not cuda_usable or caught
     if not cuda:  # the fallback is never silent: onnxruntime says so itself
         assert any("CUDAExecutionProvider" in str(w.message) for w in caught)
+        assert runtime.session_precision(session) == "fp32"
+    else:
+        assert runtime.session_precision(session) == ("fp32" if exact else "tf32")
     feeds = random_inputs(model, 3)
     out = runtime.run_batched(session, feeds, ["logits"], 2)["logits"]
     expected = runtime.run_batched(runtime.make_session(model, ["CPUExecutionProvider"]), feeds, ["logits"], 2)["logits"]
-    np.testing.assert_allclose(out, expected, rtol=1e-3 if cuda else 0, atol=1e-4 if cuda else 0)
+    np.testing.assert_allclose(out, expected, rtol=0 if not cuda else 1e-4 if exact else 1e-3,
+                               atol=0 if not cuda else 1e-4)
 
 
 def test_fixed_batch_pads_the_last_batch():
