@@ -27,6 +27,7 @@ class PointReport:
     error_before: float    # the guard's relative error of the point's output against its target, on the
     error_after: float     # held-out samples, of the candidate fitted without them (see FitReport.measured_on)
     status: str            # "kept" or "rejected" (the guard found no held-out gain)
+    statistics: str = "host"  # where the sums were computed: "runtime" (in-graph, ORT) or "host" (NumPy)
 
 
 @dataclass

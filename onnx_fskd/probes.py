@@ -1,0 +1,220 @@
+"""Statistics inside ONNX Runtime: a small graph per point that maps the point's input (and the
+teacher's tensors) to the point's least-squares sums, so only C×C matrices leave the runtime.
+
+The graph holds a statistics-only copy of the point's op and affine chain (the real op keeps its
+fusions in the segment that runs it, with the fitted Q already folded into its weights), the target
+(teacher output on the kept channels, or the residual sum target), and the sums of ``Y`` and of the
+residual ``D = T − Y`` per diagonal block:
+
+- a per-channel shift ``s`` (the batch mean) is subtracted before any product, and the shifted sums
+  come back per sample, so float32 only ever sums centred values over one sample's positions;
+- the host adds the shift terms back and accumulates across batches in float64 (Chan's pairwise
+  update), then turns the ``D`` sums into the ``T`` sums that ``GramStats`` keeps. Working with ``D``
+  keeps the float32 rounding proportional to the student's error, not to the activations, which is
+  what the held-out guard needs when the student is already close.
+
+An optional 0/1 row weight (``attention_mask`` for token rows) drops padded rows from every sum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph import GraphIndex
+from .points import CorrectionPoint
+from .runtime import make_session
+from .stats import GramStats
+
+_X, _T, _T_SKIP, _S_SKIP, _MASK = "fskd/x", "fskd/t", "fskd/t_skip", "fskd/s_skip", "fskd/mask"
+_OUTPUTS = ("shape", "rows", "sy", "Sy", "Gyy", "sd", "Sd", "Gyd", "Qd")
+
+
+@dataclass(frozen=True)
+class ProbeFeeds:
+    """The cached tensors a probe reads, by role; skips and mask only where the probe was built with them."""
+
+    x: np.ndarray
+    teacher: np.ndarray
+    teacher_skip: np.ndarray | None = None
+    student_skip: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+    def window(self, rows: slice) -> dict[str, np.ndarray]:
+        named = {_X: self.x, _T: self.teacher, _T_SKIP: self.teacher_skip, _S_SKIP: self.student_skip,
+                 _MASK: self.mask}
+        return {name: value[rows] for name, value in named.items() if value is not None}
+
+
+def probe_blocker(point: CorrectionPoint, graph: GraphIndex) -> str | None:
+    """Why a point's statistics cannot be computed in-graph (the host path then takes it), or None."""
+    nodes = _point_nodes(point, graph)
+    tensors = {point.input} | {n.output[0] for n in nodes}
+    for node in nodes:
+        if any(i and i not in tensors and not graph.is_constant(i) for i in node.input):
+            return f"{node.name} reads a computed tensor besides the point's input"
+    weight = graph.constant(point.weight)
+    if weight.dtype != np.float32:
+        return f"weights are {weight.dtype}, not float32"
+    if point.channel_axis != 1 and point.groups != 1:
+        return "grouped channels-last op"
+    return None
+
+
+class StatsProbe:
+    """The statistics graph of one point and its ORT session."""
+
+    def __init__(self, point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_channels: int,
+                 providers: list[str], teacher_skip: bool = False, student_skip: bool = False,
+                 masked: bool = False):
+        self.point = point
+        self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked)
+        self.session = make_session(self.model, providers, exact=True)
+
+    def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int) -> list[GramStats]:
+        """One GramStats per part of the samples (fit rows, held-out rows), batches never straddling parts."""
+        point = self.point
+        results = []
+        for part in parts:
+            stats = GramStats.empty(point.channels, blocks=point.groups)
+            for start in range(part.start, part.stop, batch_size):
+                window = slice(start, min(start + batch_size, part.stop))
+                values = dict(zip(_OUTPUTS, self.session.run(list(_OUTPUTS), feeds.window(window))))
+                stats = stats + _host_sums(values)
+            results.append(stats)
+        return results
+
+
+def _host_sums(v: dict[str, np.ndarray]) -> GramStats:
+    """One batch's float32 centred sums → float64 sums of [Y 1]ᵀ[Y 1], [Y 1]ᵀT and ΣT² (T = D + Y)."""
+    shape = v["shape"]  # (N, B, k, L) of the planes
+    n = float(v["rows"]) if v["rows"] >= 0 else float(shape[0] * shape[3])
+    sy, sd = (v[name].astype(np.float64).reshape(v["Sy"].shape[1:]) for name in ("sy", "sd"))  # (B, k)
+    Sy, Sd, Qd = (v[name].astype(np.float64).sum(axis=0) for name in ("Sy", "Sd", "Qd"))      # (B, k)
+    blocks, k = sy.shape
+    Gyy, Gyd = (v[name].astype(np.float64).reshape(blocks, k, k) for name in ("Gyy", "Gyd"))
+    yy = Gyy + sy[:, :, None] * Sy[:, None, :] + Sy[:, :, None] * sy[:, None, :] + n * sy[:, :, None] * sy[:, None, :]
+    yd = Gyd + sy[:, :, None] * Sd[:, None, :] + Sy[:, :, None] * sd[:, None, :] + n * sy[:, :, None] * sd[:, None, :]
+    sum_y, sum_d = n * sy + Sy, n * sd + Sd
+    dd = float(np.sum(Qd + 2.0 * sd * Sd + n * sd * sd))
+    zz = np.zeros((blocks, k + 1, k + 1))
+    zz[:, :k, :k] = yy
+    zz[:, :k, k] = zz[:, k, :k] = sum_y
+    zz[:, k, k] = n
+    zt = np.empty((blocks, k + 1, k))
+    zt[:, :k] = yd + yy
+    zt[:, k] = sum_d + sum_y
+    tt = dd + 2.0 * float(np.einsum("bii->", yd)) + float(np.einsum("bii->", yy))
+    return GramStats(zz, zt, tt, int(round(n)))
+
+
+def _point_nodes(point: CorrectionPoint, graph: GraphIndex) -> list[onnx.NodeProto]:
+    return [graph.node_by_name[point.name]] + [graph.node_by_name[step.node] for step in point.chain]
+
+
+def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_channels: int,
+           teacher_skip: bool, student_skip: bool, masked: bool) -> onnx.ModelProto:
+    opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    g = _Builder(opset)
+    # The statistics-only copy of op + chain, reading the probe's input.
+    renamed = {point.input: _X}
+    constants: set[str] = set()
+    for index, node in enumerate(_point_nodes(point, graph)):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"fskd/copy{index}"
+        for slot, name in enumerate(copy.input):
+            if name in renamed:
+                copy.input[slot] = renamed[name]
+            elif name:
+                constants.add(name)
+        renamed[node.output[0]] = copy.output[0] = f"fskd/y{index}"
+        del copy.output[1:]
+        g.nodes.append(copy)
+    y = renamed[point.output]
+    g.initializers.extend(graph.model.graph.initializer[i] for i in _initializer_positions(graph, constants))
+    axis = point.channel_axis
+    target = g.op("Add", _T, _T_SKIP) if teacher_skip else _T
+    if len(kept) != teacher_channels or not np.array_equal(kept, np.arange(teacher_channels)):
+        target = g.op("Gather", target, g.const("kept", np.asarray(kept, np.int64)), axis=axis)
+    if student_skip:
+        target = g.op("Sub", target, _S_SKIP)
+    d = g.op("Sub", target, y)
+    blocks, k = point.groups, point.group_size
+    yp, dp = (g.planes(t, axis, blocks, k, point.channels) for t in (y, d))
+    weight = None
+    if masked:  # (N, L) → (N, 1, 1, L) rows weights
+        weight = g.op("Cast", g.op("Reshape", _MASK, g.const("mask_shape", np.array([0, 1, 1, -1]))),
+                      to=TensorProto.FLOAT)
+    g.output(g.op("Shape", yp), "shape")
+    g.output(g.reduce("ReduceSum", weight, [0, 1, 2, 3], 0) if masked else g.const("no_mask", np.float32(-1)), "rows")
+    yc = g.centred(yp, "sy", weight)
+    dc = g.centred(dp, "sd", weight)
+    g.output(g.reduce("ReduceSum", yc, [3], 0), "Sy")
+    g.output(g.reduce("ReduceSum", dc, [3], 0), "Sd")
+    g.output(g.reduce("ReduceSumSquare", dc, [3], 0), "Qd")
+    for other, name in ((yc, "Gyy"), (dc, "Gyd")):
+        if k == 1:  # depthwise: one scalar regression per channel
+            product = g.reduce("ReduceSum", g.op("Mul", yc, other), [0, 3], 0)
+        else:
+            product = g.reduce("ReduceSum", g.op("MatMul", yc, g.op("Transpose", other, perm=[0, 1, 3, 2])), [0], 0)
+        g.output(product, name)
+    inputs = [_X, _T] + ([_T_SKIP] if teacher_skip else []) + ([_S_SKIP] if student_skip else [])
+    inputs += [_MASK] if masked else []
+    types = {_MASK: TensorProto.INT64}
+    graph_proto = helper.make_graph(
+        g.nodes, f"fskd_probe_{point.name}",
+        [helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None) for name in inputs],
+        [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "shape" else TensorProto.FLOAT, None)
+         for name in _OUTPUTS],
+        g.initializers)
+    return helper.make_model(graph_proto, ir_version=graph.model.ir_version, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _initializer_positions(graph: GraphIndex, names: set[str]) -> list[int]:
+    return [i for i, t in enumerate(graph.model.graph.initializer) if t.name in names]
+
+
+class _Builder:
+    """Node-by-node construction with fresh names; reductions in the form the opset wants."""
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        out = f"fskd/t{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"fskd/n{len(self.nodes)}", **attrs))
+        return out
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        full = f"fskd/c_{name}"
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), full))
+        return full
+
+    def output(self, tensor: str, role: str) -> None:
+        self.nodes.append(helper.make_node("Identity", [tensor], [role], name=f"fskd/out_{role}"))
+
+    def reduce(self, op_type: str, tensor: str, axes: list[int], keepdims: int) -> str:
+        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if axes_as_input:
+            return self.op(op_type, tensor, self.const(f"axes{len(self.initializers)}", np.array(axes, np.int64)),
+                           keepdims=keepdims)
+        return self.op(op_type, tensor, axes=axes, keepdims=keepdims)
+
+    def planes(self, tensor: str, axis: int, blocks: int, k: int, channels: int) -> str:
+        """(N, B, k, L): channels-first tensors by a reshape, channels-last ones through a transpose."""
+        if axis != 1:
+            rows = self.op("Reshape", tensor, self.const(f"rows{len(self.initializers)}", np.array([0, -1, channels])))
+            tensor = self.op("Transpose", rows, perm=[0, 2, 1])
+        return self.op("Reshape", tensor, self.const(f"planes{len(self.initializers)}", np.array([0, blocks, k, -1])))
+
+    def centred(self, planes: str, role: str, weight: str | None) -> str:
+        """planes − s with s the per-channel batch mean (any shift is exact: the host adds it back)."""
+        shift = self.reduce("ReduceMean", planes, [0, 3], 1)
+        self.output(shift, role)
+        centred = self.op("Sub", planes, shift)
+        return self.op("Mul", centred, weight) if weight is not None else centred
