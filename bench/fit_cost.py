@@ -2,7 +2,9 @@
 
     python bench/fit_cost.py [--net resnet18|mobilenet] [--samples 256] [--batch 32]
 
-Both timings run in this process on the same machine, after a warm-up. Prints a Markdown row."""
+Both timings run in this process on the same machine, after a warm-up. Prints a Markdown row and the
+fit's profile: runtime (the segment runs of both nets: session set-up and ORT), statistics (in-graph
+probes, or NumPy sums on the host), solve (the small ridge systems), verify, and the rest."""
 
 from __future__ import annotations
 
@@ -18,7 +20,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from nets import mobilenet_v2ish, perturbed, resnet18  # noqa: E402
 
+import onnx_fskd.correct as correct  # noqa: E402
 from onnx_fskd.data import Samples  # noqa: E402
+from onnx_fskd.probes import StatsProbe  # noqa: E402
+from onnx_fskd.segments import SegmentRunner  # noqa: E402
+from onnx_fskd.stats import GramStats  # noqa: E402
 from onnx_fskd.pipeline import FitConfig, fit  # noqa: E402
 from onnx_fskd.runtime import make_session, resolve_providers, run_batched  # noqa: E402
 
@@ -29,6 +35,41 @@ def forward_seconds(model, feeds, providers, batch) -> float:
     start = time.perf_counter()
     run_batched(session, feeds, ["logits"], batch)
     return time.perf_counter() - start
+
+
+class Profile:
+    """Wall time spent inside chosen functions, by category (outermost call only: no double counting)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._depth = 0
+
+    def wrap(self, owner, name: str, category: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if self._depth:
+                return original(*args, **kwargs)
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                self.seconds[category] = self.seconds.get(category, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+
+def profiled() -> Profile:
+    profile = Profile()
+    profile.wrap(SegmentRunner, "_run_segment", "runtime")
+    profile.wrap(StatsProbe, "__init__", "statistics")
+    profile.wrap(StatsProbe, "accumulate", "statistics")
+    profile.wrap(GramStats, "add", "statistics")
+    profile.wrap(correct, "solve_adapter", "solve")
+    profile.wrap(correct, "solve_weights", "solve")
+    return profile
 
 
 def main() -> None:
@@ -45,12 +86,20 @@ def main() -> None:
     providers = resolve_providers(args.provider)
     feeds = {"input": np.random.default_rng(0).normal(size=(args.samples, 3, 224, 224)).astype(np.float32)}
     passes = forward_seconds(teacher, feeds, providers, args.batch) + forward_seconds(student, feeds, providers, args.batch)
+    profile = profiled()
     start = time.perf_counter()
     result = fit(teacher, student, Samples(feeds), FitConfig(batch_size=args.batch, provider=args.provider, mode=args.mode, points=args.points))
     fit_time = time.perf_counter() - start
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.report.seconds.items())
     print(f"| {args.net} | {args.points} | {args.batch} | {args.samples} | {result.report.provider} | {len(result.report.points)} | {passes:.1f} s "
           f"| {fit_time:.1f} s | **{fit_time / passes:.2f}** | {stages} |")
+    split = dict(profile.seconds, verify=result.report.seconds.get("verify", 0.0))
+    split["other"] = fit_time - sum(split.values())
+    print("profile: " + ", ".join(f"{k} {v:.1f}s ({100 * v / fit_time:.0f}%)" for k, v in split.items()))
+    statistics = {p.statistics for p in result.report.points}
+    print(f"statistics computed in: {', '.join(sorted(statistics))}; points kept: "
+          f"{sum(p.status == 'kept' for p in result.report.points)}/{len(result.report.points)}, "
+          f"held-out output error {result.report.before.relative_error:.4f} → {result.report.after.relative_error:.4f}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
 
 

@@ -29,6 +29,8 @@ from .runtime import make_session
 from .stats import GramStats
 
 _X, _T, _T_SKIP, _S_SKIP, _MASK = "fskd/x", "fskd/t", "fskd/t_skip", "fskd/s_skip", "fskd/mask"
+# Positions per sample from which per-sample Gram products beat one relayout into a long row axis.
+_PER_SAMPLE_POSITIONS = 1024
 _OUTPUTS = ("shape", "rows", "sy", "Sy", "Gyy", "sd", "Sd", "Gyd", "Qd")
 
 
@@ -63,6 +65,30 @@ def probe_blocker(point: CorrectionPoint, graph: GraphIndex) -> str | None:
     return None
 
 
+def input_map(point: CorrectionPoint, graph: GraphIndex) -> tuple[np.ndarray, np.ndarray] | None:
+    """(A, b) with y = A·x + b per position, for a point whose output statistics are cheaper to rebuild
+    from its input's (a 1×1 expansion conv, a widening MatMul: C_in < C_out); else None."""
+    node = graph.node_by_name[point.name]
+    weight = graph.constant(point.weight)
+    if point.op_type == "Conv":
+        if weight.shape[2:] != (1, 1) or point.groups != 1 or any(
+                a.name in ("strides", "pads") and any(v != (1 if a.name == "strides" else 0) for v in a.ints)
+                for a in node.attribute):
+            return None
+        bias = graph.constant(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+    elif point.op_type == "MatMul":
+        bias = 0.0
+    else:
+        return None
+    major = point.op.to_output_major(node, weight).astype(np.float64).reshape(point.channels, -1)
+    if major.shape[1] >= point.channels:
+        return None
+    scale, shift = np.ones(point.channels), np.zeros(point.channels)
+    for step in point.chain:
+        scale, shift = scale * step.scale, shift * step.scale + step.shift
+    return scale[:, None] * major, scale * bias + shift
+
+
 class StatsProbe:
     """The statistics graph of one point and its ORT session."""
 
@@ -70,7 +96,9 @@ class StatsProbe:
                  providers: list[str], teacher_skip: bool = False, student_skip: bool = False,
                  masked: bool = False):
         self.point = point
-        self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked)
+        self.via_input = input_map(point, graph)
+        self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked,
+                            self.via_input is not None)
         self.session = make_session(self.model, providers, exact=True)
 
     def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int) -> list[GramStats]:
@@ -82,22 +110,30 @@ class StatsProbe:
             for start in range(part.start, part.stop, batch_size):
                 window = slice(start, min(start + batch_size, part.stop))
                 values = dict(zip(_OUTPUTS, self.session.run(list(_OUTPUTS), feeds.window(window))))
-                stats = stats + _host_sums(values)
+                stats = stats + _host_sums(values, self.via_input)
             results.append(stats)
         return results
 
 
-def _host_sums(v: dict[str, np.ndarray]) -> GramStats:
-    """One batch's float32 centred sums → float64 sums of [Y 1]ᵀ[Y 1], [Y 1]ᵀT and ΣT² (T = D + Y)."""
+def _host_sums(v: dict[str, np.ndarray], via_input: tuple[np.ndarray, np.ndarray] | None) -> GramStats:
+    """One batch's float32 centred sums → float64 sums of [Y 1]ᵀ[Y 1], [Y 1]ᵀT and ΣT² (T = D + Y).
+    With ``via_input`` = (A, b) the graph summed the input x instead of y, and y = A·x + b rebuilds them."""
     shape = v["shape"]  # (N, B, k, L) of the planes
     n = float(v["rows"]) if v["rows"] >= 0 else float(shape[0] * shape[3])
-    sy, sd = (v[name].astype(np.float64).reshape(v["Sy"].shape[1:]) for name in ("sy", "sd"))  # (B, k)
-    Sy, Sd, Qd = (v[name].astype(np.float64).sum(axis=0) for name in ("Sy", "Sd", "Qd"))      # (B, k)
-    blocks, k = sy.shape
-    Gyy, Gyd = (v[name].astype(np.float64).reshape(blocks, k, k) for name in ("Gyy", "Gyd"))
-    yy = Gyy + sy[:, :, None] * Sy[:, None, :] + Sy[:, :, None] * sy[:, None, :] + n * sy[:, :, None] * sy[:, None, :]
-    yd = Gyd + sy[:, :, None] * Sd[:, None, :] + Sy[:, :, None] * sd[:, None, :] + n * sy[:, :, None] * sd[:, None, :]
-    sum_y, sum_d = n * sy + Sy, n * sd + Sd
+    Sx, Sd, Qd = (v[name].astype(np.float64).sum(axis=0) for name in ("Sy", "Sd", "Qd"))  # (B, k), (B, m)
+    sx, sd = v["sy"].astype(np.float64).reshape(Sx.shape), v["sd"].astype(np.float64).reshape(Sd.shape)
+    xx = _shifted_products(sx, Sx, v["Gyy"], sx, Sx, n)
+    xd = _shifted_products(sx, Sx, v["Gyd"], sd, Sd, n)
+    sum_x, sum_d = n * sx + Sx, n * sd + Sd
+    if via_input is None:
+        yy, yd, sum_y = xx, xd, sum_x
+    else:
+        a, b = via_input
+        ax = a @ sum_x[0]
+        yy = (a @ xx[0] @ a.T + np.outer(ax, b) + np.outer(b, ax) + n * np.outer(b, b))[None]
+        yd = (a @ xd[0] + np.outer(b, sum_d[0]))[None]
+        sum_y = (ax + n * b)[None]
+    blocks, k = sum_y.shape
     dd = float(np.sum(Qd + 2.0 * sd * Sd + n * sd * sd))
     zz = np.zeros((blocks, k + 1, k + 1))
     zz[:, :k, :k] = yy
@@ -110,12 +146,19 @@ def _host_sums(v: dict[str, np.ndarray]) -> GramStats:
     return GramStats(zz, zt, tt, int(round(n)))
 
 
+def _shifted_products(s: np.ndarray, sums_a: np.ndarray, gram: np.ndarray, u: np.ndarray, sums_b: np.ndarray,
+                      n: float) -> np.ndarray:
+    """Σ a·bᵀ per block from the shifted sums: Σ(a−s)(b−u)ᵀ + s·Σ(b−u)ᵀ + Σ(a−s)·uᵀ + n·s·uᵀ."""
+    gram = gram.astype(np.float64).reshape(s.shape[0], s.shape[1], u.shape[1])
+    return gram + s[:, :, None] * sums_b[:, None, :] + sums_a[:, :, None] * u[:, None, :] + n * s[:, :, None] * u[:, None, :]
+
+
 def _point_nodes(point: CorrectionPoint, graph: GraphIndex) -> list[onnx.NodeProto]:
     return [graph.node_by_name[point.name]] + [graph.node_by_name[step.node] for step in point.chain]
 
 
 def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_channels: int,
-           teacher_skip: bool, student_skip: bool, masked: bool) -> onnx.ModelProto:
+           teacher_skip: bool, student_skip: bool, masked: bool, via_input: bool) -> onnx.ModelProto:
     opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 13)
     g = _Builder(opset)
     # The statistics-only copy of op + chain, reading the probe's input.
@@ -143,24 +186,36 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
         target = g.op("Sub", target, _S_SKIP)
     d = g.op("Sub", target, y)
     blocks, k = point.groups, point.group_size
-    yp, dp = (g.planes(t, axis, blocks, k, point.channels) for t in (y, d))
+    positions = _positions(graph.shapes.get(point.output), axis)
+    dp = g.planes(d, axis, blocks, k, point.channels)
+    if via_input:  # the input's sums: y = A·x + b is rebuilt on the host
+        in_channels = graph.shapes[point.weight][1] if point.op_type == "Conv" else graph.shapes[point.weight][0]
+        xp = g.planes(_X, axis, 1, in_channels, in_channels)
+    else:
+        xp = g.planes(y, axis, blocks, k, point.channels)
     weight = None
     if masked:  # (N, L) → (N, 1, 1, L) rows weights
         weight = g.op("Cast", g.op("Reshape", _MASK, g.const("mask_shape", np.array([0, 1, 1, -1]))),
                       to=TensorProto.FLOAT)
-    g.output(g.op("Shape", yp), "shape")
+    g.output(g.op("Shape", dp), "shape")
     g.output(g.reduce("ReduceSum", weight, [0, 1, 2, 3], 0) if masked else g.const("no_mask", np.float32(-1)), "rows")
-    yc = g.centred(yp, "sy", weight)
+    xc = g.centred(xp, "sy", weight)
     dc = g.centred(dp, "sd", weight)
-    g.output(g.reduce("ReduceSum", yc, [3], 0), "Sy")
+    g.output(g.reduce("ReduceSum", xc, [3], 0), "Sy")
     g.output(g.reduce("ReduceSum", dc, [3], 0), "Sd")
     g.output(g.reduce("ReduceSumSquare", dc, [3], 0), "Qd")
-    for other, name in ((yc, "Gyy"), (dc, "Gyd")):
-        if k == 1:  # depthwise: one scalar regression per channel
-            product = g.reduce("ReduceSum", g.op("Mul", yc, other), [0, 3], 0)
-        else:
-            product = g.reduce("ReduceSum", g.op("MatMul", yc, g.op("Transpose", other, perm=[0, 1, 3, 2])), [0], 0)
-        g.output(product, name)
+    if k == 1 and not via_input:  # depthwise: one scalar regression per channel
+        g.output(g.reduce("ReduceSum", g.op("Mul", xc, xc), [0, 3], 0), "Gyy")
+        g.output(g.reduce("ReduceSum", g.op("Mul", xc, dc), [0, 3], 0), "Gyd")
+    elif positions is not None and positions >= _PER_SAMPLE_POSITIONS:
+        # Many positions per sample: one (k×L)·(L×k) product per sample, summed (no relayout).
+        for other, name in ((xc, "Gyy"), (dc, "Gyd")):
+            g.output(g.reduce("ReduceSum", g.op("MatMul", xc, g.op("Transpose", other, perm=[0, 1, 3, 2])), [0], 0), name)
+    else:  # few positions: samples and positions as one long row axis, one product per block
+        rows_x = g.rows(xc)
+        rows_d = g.rows(dc)
+        g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_x, perm=[0, 2, 1])), "Gyy")
+        g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_d, perm=[0, 2, 1])), "Gyd")
     inputs = [_X, _T] + ([_T_SKIP] if teacher_skip else []) + ([_S_SKIP] if student_skip else [])
     inputs += [_MASK] if masked else []
     types = {_MASK: TensorProto.INT64}
@@ -171,6 +226,13 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
          for name in _OUTPUTS],
         g.initializers)
     return helper.make_model(graph_proto, ir_version=graph.model.ir_version, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _positions(shape: tuple | None, axis: int) -> int | None:
+    """Rows per sample of a point's output, when shape inference knows them."""
+    if shape is None or any(d is None for d in shape[1:]):
+        return None
+    return int(np.prod([d for i, d in enumerate(shape) if i not in (0, axis % len(shape))]))
 
 
 def _initializer_positions(graph: GraphIndex, names: set[str]) -> list[int]:
@@ -212,9 +274,19 @@ class _Builder:
             tensor = self.op("Transpose", rows, perm=[0, 2, 1])
         return self.op("Reshape", tensor, self.const(f"planes{len(self.initializers)}", np.array([0, blocks, k, -1])))
 
+    def rows(self, planes: str) -> str:
+        """(N, B, k, L) → (B, k, N·L)."""
+        moved = self.op("Transpose", planes, perm=[1, 2, 0, 3])
+        return self.op("Reshape", moved, self.const(f"rows{len(self.initializers)}", np.array([0, 0, -1])))
+
     def centred(self, planes: str, role: str, weight: str | None) -> str:
-        """planes − s with s the per-channel batch mean (any shift is exact: the host adds it back)."""
-        shift = self.reduce("ReduceMean", planes, [0, 3], 1)
+        """(planes − s)·w with s the per-channel mean of the rows that count (any shift is exact, the host
+        adds it back; the closer to the mean, the less float32 cancellation)."""
+        if weight is None:
+            shift = self.reduce("ReduceMean", planes, [0, 3], 1)
+        else:
+            count = self.op("Max", self.reduce("ReduceSum", weight, [0, 3], 1), self.const(f"one{len(self.initializers)}", np.float32(1)))
+            shift = self.op("Div", self.reduce("ReduceSum", self.op("Mul", planes, weight), [0, 3], 1), count)
         self.output(shift, role)
         centred = self.op("Sub", planes, shift)
         return self.op("Mul", centred, weight) if weight is not None else centred
