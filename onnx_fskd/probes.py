@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from threadpoolctl import threadpool_limits
 
 from .graph import GraphIndex
 from .points import CorrectionPoint
@@ -105,13 +106,14 @@ class StatsProbe:
         """One GramStats per part of the samples (fit rows, held-out rows), batches never straddling parts."""
         point = self.point
         results = []
-        for part in parts:
-            stats = GramStats.empty(point.channels, blocks=point.groups)
-            for start in range(part.start, part.stop, batch_size):
-                window = slice(start, min(start + batch_size, part.stop))
-                values = dict(zip(_OUTPUTS, self.session.run(list(_OUTPUTS), feeds.window(window))))
-                stats = stats + _host_sums(values, self.via_input)
-            results.append(stats)
+        with threadpool_limits(limits=1, user_api="blas"):  # small host products: see solve._solve_spd
+            for part in parts:
+                stats = GramStats.empty(point.channels, blocks=point.groups)
+                for start in range(part.start, part.stop, batch_size):
+                    window = slice(start, min(start + batch_size, part.stop))
+                    values = dict(zip(_OUTPUTS, self.session.run(list(_OUTPUTS), feeds.window(window))))
+                    stats = stats + _host_sums(values, self.via_input)
+                results.append(stats)
         return results
 
 

@@ -103,7 +103,8 @@ def test_fit_from_runtime_statistics_matches_the_host_path(make, mode, monkeypat
     for a, b in zip(in_graph.report.points, on_host.report.points):
         assert a.rows == b.rows
         np.testing.assert_allclose([a.error_before, a.error_after], [b.error_before, b.error_after], rtol=1e-3)
-    assert in_graph.report.exactness <= 1e-4
+    assert in_graph.report.exactness <= in_graph.report.exactness_tolerance == 1e-4
+    assert in_graph.report.verified_on == "cpu"
     if mode == "sequential":
         assert in_graph.report.consistency <= 1e-5
     feeds = random_inputs(teacher, 30, seed=7)
