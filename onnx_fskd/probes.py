@@ -8,8 +8,8 @@ residual ``D = T − Y`` per diagonal block:
 
 - a per-channel shift ``s`` (the batch mean) is subtracted before any product, and the shifted sums
   come back per sample, so float32 only ever sums centred values over one sample's positions;
-- the host adds the shift terms back and accumulates across batches in float64 (Chan's pairwise
-  update), then turns the ``D`` sums into the ``T`` sums that ``GramStats`` keeps. Working with ``D``
+- the host adds the shift terms back and accumulates across batches in float64, then turns the ``D``
+  sums into the ``T`` sums that ``GramStats`` keeps. Working with ``D``
   keeps the float32 rounding proportional to the student's error, not to the activations, which is
   what the held-out guard needs when the student is already close.
 
@@ -32,7 +32,9 @@ from .stats import GramStats
 _X, _T, _T_SKIP, _S_SKIP, _MASK = "fskd/x", "fskd/t", "fskd/t_skip", "fskd/s_skip", "fskd/mask"
 # Positions per sample from which per-sample Gram products beat one relayout into a long row axis.
 _PER_SAMPLE_POSITIONS = 1024
-_OUTPUTS = ("shape", "rows", "sy", "Sy", "Gyy", "sd", "Sd", "Gyd", "Qd")
+# x: the point's output y, or its input when y = A·x + b is cheaper to rebuild on the host (input_map).
+# s·: the per-channel shift; S·: per-sample sums of shifted values; G··: Gram products; Qd: Σ(d − s_d)².
+_OUTPUTS = ("shape", "rows", "sx", "Sx", "Gxx", "sd", "Sd", "Gxd", "Qd")
 
 
 @dataclass(frozen=True)
@@ -104,48 +106,60 @@ class StatsProbe:
 
     def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int) -> list[GramStats]:
         """One GramStats per part of the samples (fit rows, held-out rows), batches never straddling parts."""
-        point = self.point
         results = []
         with threadpool_limits(limits=1, user_api="blas"):  # small host products: see solve._solve_spd
             for part in parts:
-                stats = GramStats.empty(point.channels, blocks=point.groups)
+                sums = _Sums()
                 for start in range(part.start, part.stop, batch_size):
                     window = slice(start, min(start + batch_size, part.stop))
-                    values = dict(zip(_OUTPUTS, self.session.run(list(_OUTPUTS), feeds.window(window))))
-                    stats = stats + _host_sums(values, self.via_input)
-                results.append(stats)
+                    sums.add(dict(zip(_OUTPUTS, self.session.run(list(_OUTPUTS), feeds.window(window)))))
+                results.append(sums.gram_stats(self.point, self.via_input))
         return results
 
 
-def _host_sums(v: dict[str, np.ndarray], via_input: tuple[np.ndarray, np.ndarray] | None) -> GramStats:
-    """One batch's float32 centred sums → float64 sums of [Y 1]ᵀ[Y 1], [Y 1]ᵀT and ΣT² (T = D + Y).
-    With ``via_input`` = (A, b) the graph summed the input x instead of y, and y = A·x + b rebuilds them."""
-    shape = v["shape"]  # (N, B, k, L) of the planes
-    n = float(v["rows"]) if v["rows"] >= 0 else float(shape[0] * shape[3])
-    Sx, Sd, Qd = (v[name].astype(np.float64).sum(axis=0) for name in ("Sy", "Sd", "Qd"))  # (B, k), (B, m)
-    sx, sd = v["sy"].astype(np.float64).reshape(Sx.shape), v["sd"].astype(np.float64).reshape(Sd.shape)
-    xx = _shifted_products(sx, Sx, v["Gyy"], sx, Sx, n)
-    xd = _shifted_products(sx, Sx, v["Gyd"], sd, Sd, n)
-    sum_x, sum_d = n * sx + Sx, n * sd + Sd
-    if via_input is None:
-        yy, yd, sum_y = xx, xd, sum_x
-    else:
-        a, b = via_input
-        ax = a @ sum_x[0]
-        yy = (a @ xx[0] @ a.T + np.outer(ax, b) + np.outer(b, ax) + n * np.outer(b, b))[None]
-        yd = (a @ xd[0] + np.outer(b, sum_d[0]))[None]
-        sum_y = (ax + n * b)[None]
-    blocks, k = sum_y.shape
-    dd = float(np.sum(Qd + 2.0 * sd * Sd + n * sd * sd))
-    zz = np.zeros((blocks, k + 1, k + 1))
-    zz[:, :k, :k] = yy
-    zz[:, :k, k] = zz[:, k, :k] = sum_y
-    zz[:, k, k] = n
-    zt = np.empty((blocks, k + 1, k))
-    zt[:, :k] = yd + yy
-    zt[:, k] = sum_d + sum_y
-    tt = dd + 2.0 * float(np.einsum("bii->", yd)) + float(np.einsum("bii->", yy))
-    return GramStats(zz, zt, tt, int(round(n)))
+class _Sums:
+    """Float64 running sums over batches, in the probe's own terms: n, Σx, Σd, Σx·xᵀ, Σx·dᵀ, Σd²."""
+
+    def __init__(self) -> None:
+        self.n, self.dd = 0.0, 0.0
+        self.x = self.d = self.xx = self.xd = 0.0
+
+    def add(self, v: dict[str, np.ndarray]) -> None:
+        """One batch: the shift terms added back to the float32 centred sums (per block)."""
+        shape = v["shape"]  # (N, B, k, L) of the planes
+        n = float(v["rows"]) if v["rows"] >= 0 else float(shape[0] * shape[3])
+        Sx, Sd, Qd = (v[name].astype(np.float64).sum(axis=0) for name in ("Sx", "Sd", "Qd"))  # (B, k), (B, m)
+        sx, sd = v["sx"].astype(np.float64).reshape(Sx.shape), v["sd"].astype(np.float64).reshape(Sd.shape)
+        self.xx = self.xx + _shifted_products(sx, Sx, v["Gxx"], sx, Sx, n)
+        self.xd = self.xd + _shifted_products(sx, Sx, v["Gxd"], sd, Sd, n)
+        self.x = self.x + n * sx + Sx
+        self.d = self.d + n * sd + Sd
+        self.dd += float(np.sum(Qd + 2.0 * sd * Sd + n * sd * sd))
+        self.n += n
+
+    def gram_stats(self, point: CorrectionPoint, via_input: tuple[np.ndarray, np.ndarray] | None) -> GramStats:
+        """[Y 1]ᵀ[Y 1], [Y 1]ᵀT and ΣT² with T = D + Y; with ``via_input`` = (A, b), y = A·x + b."""
+        if not self.n:
+            return GramStats.empty(point.channels, blocks=point.groups)
+        n = self.n
+        if via_input is None:
+            yy, yd, sum_y = self.xx, self.xd, self.x
+        else:
+            a, b = via_input
+            ax = a @ self.x[0]
+            yy = (a @ self.xx[0] @ a.T + np.outer(ax, b) + np.outer(b, ax) + n * np.outer(b, b))[None]
+            yd = (a @ self.xd[0] + np.outer(b, self.d[0]))[None]
+            sum_y = (ax + n * b)[None]
+        blocks, k = sum_y.shape
+        zz = np.zeros((blocks, k + 1, k + 1))
+        zz[:, :k, :k] = yy
+        zz[:, :k, k] = zz[:, k, :k] = sum_y
+        zz[:, k, k] = n
+        zt = np.empty((blocks, k + 1, k))
+        zt[:, :k] = yd + yy
+        zt[:, k] = self.d + sum_y
+        tt = self.dd + 2.0 * float(np.einsum("bii->", yd)) + float(np.einsum("bii->", yy))
+        return GramStats(zz, zt, tt, int(round(n)))
 
 
 def _shifted_products(s: np.ndarray, sums_a: np.ndarray, gram: np.ndarray, u: np.ndarray, sums_b: np.ndarray,
@@ -201,23 +215,23 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
                       to=TensorProto.FLOAT)
     g.output(g.op("Shape", dp), "shape")
     g.output(g.reduce("ReduceSum", weight, [0, 1, 2, 3], 0) if masked else g.const("no_mask", np.float32(-1)), "rows")
-    xc = g.centred(xp, "sy", weight)
+    xc = g.centred(xp, "sx", weight)
     dc = g.centred(dp, "sd", weight)
-    g.output(g.reduce("ReduceSum", xc, [3], 0), "Sy")
+    g.output(g.reduce("ReduceSum", xc, [3], 0), "Sx")
     g.output(g.reduce("ReduceSum", dc, [3], 0), "Sd")
     g.output(g.reduce("ReduceSumSquare", dc, [3], 0), "Qd")
     if k == 1 and not via_input:  # depthwise: one scalar regression per channel
-        g.output(g.reduce("ReduceSum", g.op("Mul", xc, xc), [0, 3], 0), "Gyy")
-        g.output(g.reduce("ReduceSum", g.op("Mul", xc, dc), [0, 3], 0), "Gyd")
+        g.output(g.reduce("ReduceSum", g.op("Mul", xc, xc), [0, 3], 0), "Gxx")
+        g.output(g.reduce("ReduceSum", g.op("Mul", xc, dc), [0, 3], 0), "Gxd")
     elif positions is not None and positions >= _PER_SAMPLE_POSITIONS:
         # Many positions per sample: one (k×L)·(L×k) product per sample, summed (no relayout).
-        for other, name in ((xc, "Gyy"), (dc, "Gyd")):
+        for other, name in ((xc, "Gxx"), (dc, "Gxd")):
             g.output(g.reduce("ReduceSum", g.op("MatMul", xc, g.op("Transpose", other, perm=[0, 1, 3, 2])), [0], 0), name)
     else:  # few positions: samples and positions as one long row axis, one product per block
         rows_x = g.rows(xc)
         rows_d = g.rows(dc)
-        g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_x, perm=[0, 2, 1])), "Gyy")
-        g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_d, perm=[0, 2, 1])), "Gyd")
+        g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_x, perm=[0, 2, 1])), "Gxx")
+        g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_d, perm=[0, 2, 1])), "Gxd")
     inputs = [_X, _T] + ([_T_SKIP] if teacher_skip else []) + ([_S_SKIP] if student_skip else [])
     inputs += [_MASK] if masked else []
     types = {_MASK: TensorProto.INT64}
