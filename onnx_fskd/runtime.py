@@ -131,7 +131,7 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], out
         if on_batch:
             on_batch(count, count)
         return dict(zip(outputs, values))
-    results: dict[str, np.ndarray] = {}
+    results = _preallocated(session, outputs, count, allocate)
     binding = session.io_binding()
     for window in batches(count, size):
         chunk = {name: array[window] for name, array in feeds.items()}
@@ -148,6 +148,25 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], out
         if on_batch:
             on_batch(window.stop, count)
     return results
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def _preallocated(session: ort.InferenceSession, outputs: list[str], count: int,
+                  allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> dict[str, np.ndarray]:
+    """Result arrays made before the first batch when the session knows every output's per-sample shape,
+    so that every full batch is written in place; else empty (the first batch's outputs tell)."""
+    declared = {arg.name: arg for arg in session.get_outputs()}
+    specs = []
+    for name in outputs:
+        arg = declared.get(name)
+        dims = arg.shape[1:] if arg is not None and arg.shape else None
+        if dims is None or not all(isinstance(d, int) and d > 0 for d in dims) or arg.type not in _NUMPY_TYPES:
+            return {}
+        specs.append((name, (count, *dims), _NUMPY_TYPES[arg.type]))
+    return {name: allocate(shape, dtype) for name, shape, dtype in specs}
 
 
 def _run_into(session: ort.InferenceSession, binding: ort.IOBinding, feeds: dict[str, np.ndarray],
