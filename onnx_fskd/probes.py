@@ -65,6 +65,8 @@ def probe_blocker(point: CorrectionPoint, graph: GraphIndex) -> str | None:
         return f"weights are {weight.dtype}, not float32"
     if point.channel_axis != 1 and point.groups != 1:
         return "grouped channels-last op"
+    if point.channel_axis not in (1, point.rank - 1):
+        return "channel axis neither first nor last"
     return None
 
 
@@ -206,7 +208,7 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     dp = g.planes(d, axis, blocks, k, point.channels)
     if via_input:  # the input's sums: y = A·x + b is rebuilt on the host
         in_channels = graph.shapes[point.weight][1] if point.op_type == "Conv" else graph.shapes[point.weight][0]
-        xp = g.planes(_X, axis, 1, in_channels, in_channels)
+        xp = g.planes(_X, 1 if point.op_type == "Conv" else -1, 1, in_channels, in_channels)  # the op's own input layout
     else:
         xp = g.planes(y, axis, blocks, k, point.channels)
     weight = None

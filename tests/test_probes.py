@@ -14,12 +14,27 @@ from onnx_fskd.data import Samples
 from onnx_fskd.graph import GraphIndex
 from onnx_fskd.pipeline import FitConfig, fit
 from onnx_fskd.points import find_points
-from onnx_fskd.probes import ProbeFeeds, StatsProbe
+from onnx_fskd.probes import ProbeFeeds, StatsProbe, probe_blocker
 from onnx_fskd.runtime import make_session, run_batched
 from onnx_fskd.stats import GramStats, as_planes
 from test_fit import outputs, perturbed
+from transformer_builders import bert_block, nhwc_block
 
 CPU = ["CPUExecutionProvider"]
+
+
+def inputs_for(model: onnx.ModelProto, count: int) -> dict[str, np.ndarray]:
+    """Random samples for every graph input (token ids and masks for the BERT block)."""
+    rng = np.random.default_rng(1)
+    feeds = {}
+    for value in model.graph.input:
+        dims = [d.dim_value or 6 for d in value.type.tensor_type.shape.dim[1:]]
+        if value.type.tensor_type.elem_type == TensorProto.INT64:
+            feeds[value.name] = (np.ones((count, *dims), np.int64) if "mask" in value.name
+                                 else rng.integers(0, 10, (count, *dims)))
+        else:
+            feeds[value.name] = rng.normal(size=(count, *dims)).astype(np.float32)
+    return feeds
 
 
 def tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -42,14 +57,17 @@ def assert_close(got: GramStats, want: GramStats, rtol: float) -> None:
     assert abs(got.tt - want.tt) <= rtol * want.tt
 
 
-@pytest.mark.parametrize("make", [vgg_net, resnet_net, mobile_net, token_mlp])
+@pytest.mark.parametrize("make", [vgg_net, resnet_net, mobile_net, token_mlp, nhwc_block, bert_block])
 def test_probe_sums_match_float64_numpy(make):
-    """Every point (dense, grouped, depthwise, Gemm, token MatMul), with a shifted and scaled target far
-    from zero mean, split in fit and held-out parts whose batches do not straddle them."""
+    """Every point (dense, grouped, depthwise, Gemm, token MatMul, NHWC chains behind Transpose/Cast),
+    with a shifted and scaled target far from zero mean, split in fit and held-out parts whose batches do
+    not straddle them."""
     model = make()
     graph = GraphIndex(model)
-    feeds = random_inputs(model, 21)
-    for point in find_points(graph).points:
+    feeds = inputs_for(model, 21)
+    points = [p for p in find_points(graph).points if probe_blocker(p, graph) is None]
+    assert points
+    for point in points:
         got = tensors(model, feeds, [point.input, point.output])
         x, y = got[point.input], got[point.output]
         t = (1.3 * y + 0.2 * np.random.default_rng(0).normal(size=y.shape) + 5.0).astype(np.float32)
@@ -57,6 +75,32 @@ def test_probe_sums_match_float64_numpy(make):
         parts = [slice(0, 16), slice(16, 21)]
         for part, stats in zip(parts, probe.accumulate(ProbeFeeds(x, t), parts, batch_size=5)):
             assert_close(stats, reference(y[part], t[part], point.channel_axis, point.channels, point.groups), 1e-5)
+
+
+def nhwc_expansion() -> onnx.ModelProto:
+    """A 1×1 expansion conv whose output is moved to NHWC before its bias Add: the probe sums its NCHW
+    input and rebuilds the NHWC output's statistics."""
+    b = NetBuilder(4)
+    x = b.conv("expand", "input", 4, 12, k=1)
+    x = b.node("Transpose", "to_nhwc", [x], perm=[0, 2, 3, 1])
+    x = b.node("Relu", "act", [b.node("Add", "shift", [x, b.const("shift.b", b.rng.normal(0, 0.1, 12))])])
+    x = b.node("ReduceMean", "pool", [x], axes=[1, 2], keepdims=0)
+    return b.model(b.gemm("fc", x, 12, 10), (4, 5, 5), 10, "nhwc_expansion")
+
+
+def test_expansion_behind_a_transpose_is_summed_from_its_input():
+    model = nhwc_expansion()
+    graph = GraphIndex(model)
+    point = next(p for p in find_points(graph).points if p.name == "expand")
+    assert point.channel_axis == 3 and probe_blocker(point, graph) is None
+    feeds = random_inputs(model, 13)
+    got = tensors(model, feeds, [point.input, point.output])
+    y = got[point.output]
+    t = (0.7 * y + 0.3 * np.random.default_rng(3).normal(size=y.shape) - 2.0).astype(np.float32)
+    probe = StatsProbe(point, graph, np.arange(12), 12, CPU)
+    assert probe.via_input is not None
+    stats = probe.accumulate(ProbeFeeds(got[point.input], t), [slice(0, 13)], 5)[0]
+    assert_close(stats, reference(y, t, 3, 12, 1), 1e-5)
 
 
 def test_probe_builds_residual_sum_targets_on_kept_channels():
