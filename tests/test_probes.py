@@ -180,7 +180,7 @@ def masked_token_net(seed: int = 0) -> onnx.ModelProto:
                                          b.node("Constant", "axis", [], value=helper.make_tensor("a", TensorProto.INT64, [1], [2]))])
     pooled = b.node("Div", "pool", [b.node("ReduceSum", "sum", [b.node("Mul", "masked", [x, mask]), b.const("ax", [1])], keepdims=0),
                                     b.node("ReduceSum", "count", [mask, b.const("ax2", [1])], keepdims=0)])
-    head = b.node("MatMul", "head", [pooled, b.const("head.w", b.rng.normal(0, 0.25, (16, 10)))])
+    b.node("MatMul", "head", [pooled, b.const("head.w", b.rng.normal(0, 0.25, (16, 10)))])
     b.nodes[-1].output[0] = "logits"
     for t in b.inits:
         if t.name.startswith("ax"):
