@@ -281,7 +281,7 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
                 fits.append((s, point_fit))
                 if config.mode == "sequential":
                     s_run.fold(s, point_fit.update)
-            del s_out, t_out, feeds
+            del s_out, t_out, feeds, probe  # the probe session holds its arena of batch intermediates
             _after_point(index, pairs, s, t, t_run, fitted_outputs, progress)
             continue
         want_input = solver == "full"
