@@ -1,6 +1,6 @@
 """Fit wall time against one teacher forward + one student forward over the same samples.
 
-    python bench/fit_cost.py [--net resnet18|mobilenet] [--samples 256] [--batch 32]
+    python bench/fit_cost.py [--net resnet18|mobilenet] [--samples 256] [--batch 32] [--solver q|auto|full]
 
 Both timings run in this process on the same machine, after a warm-up. Prints a Markdown row and the
 fit's profile: runtime (the segment runs of both nets: session set-up and ORT), statistics (in-graph
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--provider", default="auto")
     parser.add_argument("--mode", default="sequential")
     parser.add_argument("--points", default="auto")
+    parser.add_argument("--solver", default="q", help="q: statistics in the runtime; auto/full: full points sum on the host")
     args = parser.parse_args()
     teacher = {"resnet18": resnet18, "mobilenet": mobilenet_v2ish}[args.net]()
     student = perturbed(teacher)
@@ -92,7 +93,8 @@ def main() -> None:
     before = passes()
     profile = profiled()
     start = time.perf_counter()
-    result = fit(teacher, student, Samples(feeds), FitConfig(batch_size=args.batch, provider=args.provider, mode=args.mode, points=args.points))
+    result = fit(teacher, student, Samples(feeds), FitConfig(batch_size=args.batch, provider=args.provider, mode=args.mode, points=args.points,
+                                                          solver=args.solver))
     fit_time = time.perf_counter() - start
     after = passes()
     floor = min(before, after)  # the machine may be shared: the fastest forward is the conservative floor

@@ -31,7 +31,7 @@ def main() -> None:
     teacher = {"resnet18": resnet18, "mobilenet": mobilenet_v2ish}[args.net]()
     student = perturbed(teacher)
     samples = Samples({"input": np.random.default_rng(0).normal(size=(args.samples, 3, 224, 224)).astype(np.float32)})
-    config = FitConfig(batch_size=args.batch, provider="cpu")
+    config = FitConfig(batch_size=args.batch, provider="cpu", solver="q")
     in_graph = fit(teacher, student, samples, config)
     blocker = pipeline.probe_blocker
     pipeline.probe_blocker = lambda point, graph: "forced host path"
