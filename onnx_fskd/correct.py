@@ -86,11 +86,23 @@ def _report(pair: PointPair, rows: int, target: str, how: str, solver: str, befo
 
 def fit_adapter(pair: PointPair, graph: GraphIndex, y: np.ndarray, target: np.ndarray, rows: Rows,
                 settings: FitSettings, target_kind: str, how: str) -> PointFit:
-    """The paper's FSKD: y ↦ Q·y + d."""
+    """The paper's FSKD: y ↦ Q·y + d, from the point's output on the host."""
     s = pair.student
     axis = s.channel_axis
     stats = tuple(GramStats.empty(s.channels, blocks=s.groups) for _ in range(2))
     _accumulate(stats, rows, settings.batch_size, lambda i: (as_planes(y[i], axis), as_planes(target[i], axis)))
+    point_fit = adapter_from_stats(pair, graph, stats, settings, target_kind, how)
+    if point_fit.adapter is not None:
+        final = point_fit.adapter
+        point_fit.correct = lambda allocate: final.apply(y, axis, allocate(y.shape, y.dtype))
+    return point_fit
+
+
+def adapter_from_stats(pair: PointPair, graph: GraphIndex, stats: tuple[GramStats, GramStats],
+                       settings: FitSettings, target_kind: str, how: str) -> PointFit:
+    """Solve Q, d from the fit rows' sums, keep it if the held-out sums say it helps, then refit on all.
+    No ``correct``: the caller folds the update into the weights the next segment runs."""
+    s = pair.student
     fit_bias = bias_slot(s, graph) is not None
     candidate = mergeable(solve_adapter(stats[0], settings.ridge, fit_bias), s)
     before, after, kept = _guard(*stats, Adapter.identity(s.channels, s.group_size).params, candidate.params)
@@ -98,9 +110,7 @@ def fit_adapter(pair: PointPair, graph: GraphIndex, y: np.ndarray, target: np.nd
     if not kept:
         return PointFit(None, None, None, report)
     final = mergeable(solve_adapter(stats[0] + stats[1], settings.ridge, fit_bias), s)
-    return PointFit(adapter_update(s, graph, final), final,
-                    lambda allocate: final.apply(y, axis, allocate(y.shape, y.dtype)), report,
-                    adapter_update(s, graph, candidate))
+    return PointFit(adapter_update(s, graph, final), final, None, report, adapter_update(s, graph, candidate))
 
 
 def fit_weights(pair: PointPair, graph: GraphIndex, x: np.ndarray, y: np.ndarray, target: np.ndarray,

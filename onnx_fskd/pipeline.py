@@ -12,19 +12,20 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import onnx
 
-from .data import Samples, input_specs
+from .data import ATTENTION_MASK, Samples, input_specs
 from .errors import FskdError
 from .compress import CompressResult, decompose_model, prune_model
 from .augment import AUGMENTATIONS, augment_fit_rows
 from .compress.prune import check_prune_options
 from .compress.result import write_map
-from .correct import FitSettings, PointFit, Rows, fit_adapter, fit_weights
+from .correct import FitSettings, PointFit, Rows, adapter_from_stats, fit_adapter, fit_weights
 from .fuse import ModelWriter, WeightUpdate, unwritable_reason, write_update
 from .graph import GraphIndex
 from .metrics import choose_metric, compare, padding_mask, relative_error
 from .normalize import Normalised, normalise, normalise_for_merge
 from .pairing import ChannelMapper, PointPair, match_activations, pair_points, read_map
 from .points import CorrectionPoint, find_points
+from .probes import ProbeFeeds, StatsProbe, probe_blocker
 from .report import HELD_OUT, IN_SAMPLE, FitReport, OutputMetrics
 from .reselect import Reselection, reselect_channels, updated_map
 from .solver_policy import SOLVERS, choose_solver
@@ -32,7 +33,7 @@ from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched
 from .segments import SegmentRunner
 from .solve import Adapter
 from .stats import as_rows
-from .verify import EXACTNESS_TOLERANCE, check_model, exactness, with_explicit_adapters
+from .verify import EXACTNESS_TOLERANCE, check_model, exactness, verified_on, with_explicit_adapters
 
 # Memory the teacher may fill ahead with the outputs of upcoming points.
 PREFETCH_BYTES = 1 << 30
@@ -255,13 +256,39 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
         s, t = pair.student, pair.teacher
         use_sum = bool(config.residual_target == "sum" and s.residual_skip and t.residual_skip
                        and (s.residual_skip in fitted_outputs or s.residual_skip not in point_outputs))
-        want_input = choose_solver(config.solver, s, plan.s_graph, rows.fit.stop - rows.fit.start) == "full"
+        solver = choose_solver(config.solver, s, plan.s_graph, rows.fit.stop - rows.fit.start)
+        kind = "sum" if use_sum else "plain"
+        prefetch = _teacher_prefetch(pairs[index + 1:], t_run, plan.t_graph, len(samples), config.residual_target == "sum")
+        known = _known_kept(pair, mapper)
+        if solver == "q" and known is not None and s.name not in s_run.done \
+                and probe_blocker(s, plan.s_graph) is None:
+            # In-graph statistics: only the point's input and the teacher's tensors are cached; the
+            # point's output is computed inside the probe, and later with its Q folded into the weights.
+            kept, how = known
+            pair = PointPair(t, s, pair.source, kept)
+            mapper.record(pair)
+            s_out = s_run.compute([s.input] + ([s.residual_skip] if use_sum else []))
+            t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []), prefetch=prefetch)
+            mask = _row_mask(s, plan.s_graph, samples)
+            probe = StatsProbe(s, plan.s_graph, kept, t.channels, providers, use_sum, use_sum, mask is not None)
+            feeds = ProbeFeeds(s_out[s.input], t_out[t.output], t_out[t.residual_skip] if use_sum else None,
+                               s_out[s.residual_skip] if use_sum else None, mask)
+            stats = probe.accumulate(feeds, [rows.fit, rows.held], config.batch_size)
+            point_fit = adapter_from_stats(pair, plan.s_graph, (stats[0], stats[1]), settings, kind, how)
+            point_fit.report.statistics = "runtime"
+            report.points.append(point_fit.report)
+            if point_fit.update is not None:
+                fits.append((s, point_fit))
+                if config.mode == "sequential":
+                    s_run.fold(s, point_fit.update)
+            del s_out, t_out, feeds, probe  # the probe session holds its arena of batch intermediates
+            _after_point(index, pairs, s, t, t_run, fitted_outputs, progress)
+            continue
+        want_input = solver == "full"
         s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []) + ([s.input] if want_input else []))
-        t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []),
-                              prefetch=_teacher_prefetch(pairs[index + 1:], t_run, plan.t_graph, len(samples),
-                                                         config.residual_target == "sum"))
+        t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []), prefetch=prefetch)
         y = s_out[s.output]
-        kept, how = _kept_channels(pair, mapper, y, t_out[t.output], rows.fit)
+        kept, how = known if known is not None else _activation_kept(pair, y, t_out[t.output], rows.fit)
         pair = PointPair(t, s, pair.source, kept)
         mapper.record(pair)
         target = _restrict(t_out[t.output], kept, s.channel_axis)
@@ -270,7 +297,6 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
             np.add(target, _restrict(t_out[t.residual_skip], kept, s.channel_axis), out=summed)
             target = np.subtract(summed, s_out[s.residual_skip], out=summed)
             del summed
-        kind = "sum" if use_sum else "plain"
         if want_input:
             point_fit = fit_weights(pair, plan.s_graph, s_out[s.input], y, target, rows, settings, kind, how)
         else:
@@ -284,13 +310,29 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
         if use_sum:
             s_run.buffers.retire(target)
         del s_out, t_out, y, target  # let the runners recycle them
-        fitted_outputs.add(s.output)
-        later = {name for p in pairs[index + 1:] for name in (p.teacher.output, p.teacher.residual_skip)}
-        t_run.release([name for name in (t.output, t.residual_skip) if name not in later])
-        if progress:
-            progress("points", index + 1, len(pairs))
+        _after_point(index, pairs, s, t, t_run, fitted_outputs, progress)
     out_name = plan.s_graph.graph_outputs[0]
     return _Fitted(fits, t_run.compute([out_name])[out_name], s_run.compute([out_name])[out_name])
+
+
+def _after_point(index: int, pairs: list[PointPair], s: CorrectionPoint, t: CorrectionPoint, t_run: SegmentRunner,
+                 fitted_outputs: set[str], progress: Progress | None) -> None:
+    """Bookkeeping once a point is fitted: teacher tensors no later point asks for are released."""
+    fitted_outputs.add(s.output)
+    later = {name for p in pairs[index + 1:] for name in (p.teacher.output, p.teacher.residual_skip)}
+    t_run.release([name for name in (t.output, t.residual_skip) if name not in later])
+    if progress:
+        progress("points", index + 1, len(pairs))
+
+
+def _row_mask(point: CorrectionPoint, graph: GraphIndex, samples: Samples) -> np.ndarray | None:
+    """The ``attention_mask`` input (N, seq) when the point's rows are tokens (N, seq, C): padded rows
+    (mask 0) are left out of its statistics and held-out errors."""
+    mask = samples.arrays.get(ATTENTION_MASK)
+    if mask is None or mask.ndim != 2 or point.channel_axis == 1 or point.rank != 3:
+        return None
+    seq = graph.shapes.get(point.output, (None, None))[1]
+    return mask.astype(np.int64, copy=False) if seq in (None, mask.shape[1]) else None
 
 
 def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, judged: onnx.ModelProto | None, fitted: _Fitted,
@@ -302,13 +344,14 @@ def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, judged: onnx.Mode
     check_model(merged)
     fixed_batch = input_specs(student)[0].batch_dim
     out_name = student.graph.output[0].name
-    student_session, merged_session = (make_session(m, providers) for m in (student, merged))
+    student_session, merged_session = (make_session(m, providers, exact=True) for m in (student, merged))
     report.exactness = exactness(merged_session, _explicit_reference(student, fitted.fits),
                                  {k: v[:config.verify_samples] for k, v in samples.arrays.items()},
                                  providers, config.batch_size, fixed_batch)
+    report.exactness_tolerance, report.verified_on = EXACTNESS_TOLERANCE, verified_on(merged_session)
     if report.exactness > EXACTNESS_TOLERANCE:
         raise FskdError(f"internal: merged model differs from the explicit-Q model by {report.exactness:.2e} "
-                        f"(> {EXACTNESS_TOLERANCE}); nothing written")
+                        f"(> {EXACTNESS_TOLERANCE}, checked on {report.verified_on}); nothing written")
     verify_rows = rows.held if judged is not None else rows.fit
     feeds = {k: v[verify_rows] for k, v in samples.arrays.items()}
     run = lambda model_session: run_batched(model_session, feeds, [out_name], config.batch_size, fixed_batch)[out_name]  # noqa: E731
@@ -329,7 +372,7 @@ def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, judged: onnx.Mode
             f"give at least 2 samples (10+ recommended) and --holdout > 0 for held-out figures")
     else:
         report.measured_on = HELD_OUT
-        report.after = measure(run(make_session(judged, providers)))
+        report.after = measure(run(make_session(judged, providers, exact=True)))
     if report.after.relative_error > report.before.relative_error:
         report.warnings.append(
             f"the recovered model is further from the teacher than the student ({report.measured_on}: "
@@ -453,14 +496,19 @@ def _teacher_prefetch(upcoming: list[PointPair], runner: SegmentRunner, graph: G
     return names
 
 
-def _kept_channels(pair: PointPair, mapper: ChannelMapper, y: np.ndarray, teacher_y: np.ndarray,
-                   fit_rows: slice) -> tuple[np.ndarray, str]:
+def _known_kept(pair: PointPair, mapper: ChannelMapper) -> tuple[np.ndarray, str] | None:
+    """Kept channels from the map or the weights, or None when only activations can tell."""
     s, t = pair.student, pair.teacher
     if pair.kept is not None:
         return _checked_kept(pair.kept, pair), pair.source
     kept = mapper.from_weights(pair)
     if kept is not None:
         return _checked_kept(kept, pair), "identity" if s.channels == t.channels else "weights"
+    return None
+
+
+def _activation_kept(pair: PointPair, y: np.ndarray, teacher_y: np.ndarray, fit_rows: slice) -> tuple[np.ndarray, str]:
+    s = pair.student
     kept, score = match_activations(as_rows(y[fit_rows], s.channel_axis), as_rows(teacher_y[fit_rows], s.channel_axis))
     return _checked_kept(kept, pair), f"activations (r={score:.2f})"
 

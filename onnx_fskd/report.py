@@ -27,6 +27,7 @@ class PointReport:
     error_before: float    # the guard's relative error of the point's output against its target, on the
     error_after: float     # held-out samples, of the candidate fitted without them (see FitReport.measured_on)
     status: str            # "kept" or "rejected" (the guard found no held-out gain)
+    statistics: str = "host"  # where the sums were computed: "runtime" (in-graph, ORT) or "host" (NumPy)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class FitReport:
     after: OutputMetrics | None = None
     written_in_sample: OutputMetrics | None = None  # the written model on the same samples: it was refitted on them
     exactness: float = 0.0    # max relative error: merged model vs. model with explicit Q nodes
+    exactness_tolerance: float = 0.0  # the bound exactness was checked against
+    verified_on: str = ""     # provider of that check: "cpu" or "cuda (use_tf32=0)"
     consistency: float | None = None  # sequential: merged model vs. the corrected activations the fit used
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

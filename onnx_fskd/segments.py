@@ -14,7 +14,9 @@ from onnx.utils import Extractor
 
 from .errors import FskdError
 from .buffers import BufferPool
+from .fuse import ModelWriter, WeightUpdate, write_update
 from .graph import GraphIndex
+from .points import CorrectionPoint
 from .runtime import make_session, run_batched
 from .shapes import weightless_copy
 
@@ -38,6 +40,7 @@ class SegmentRunner:
         self.buffers = BufferPool()
         self.pinned: set[str] = set()
         self.done: set[str] = set()
+        self.folded: dict[str, tuple[CorrectionPoint, WeightUpdate]] = {}  # op name → its fitted weights
 
     def start(self, feeds: dict[str, np.ndarray]) -> None:
         self.cache = dict(feeds)
@@ -64,6 +67,13 @@ class SegmentRunner:
         self.buffers.retire(self.cache[name])
         self.cache[name] = value
 
+    def fold(self, point: CorrectionPoint, update: WeightUpdate) -> None:
+        """Run the point's op (and chain) with the fitted weights from now on: ORT applies the point's Q
+        when the segment holding it runs, so its corrected output never passes through the host."""
+        if point.name in self.done:
+            raise FskdError(f"internal: {point.name} already ran; its fitted weights cannot be folded in")
+        self.folded[point.name] = (point, update)
+
     def _run_segment(self, missing: list[str]) -> None:
         nodes = self._nodes_for(missing)
         produced = {out for node in nodes for out in node.output if out}
@@ -80,10 +90,19 @@ class SegmentRunner:
         except ValueError as exc:
             raise FskdError(f"cannot cut a sub-graph at {outputs[0]}: {exc}") from None
         segment.ir_version = self.ir_version
-        session = make_session(segment, self.providers)
+        self._write_folded(segment, {node.name for node in nodes})
+        session = make_session(segment, self.providers, exact=True, blocked_layout=False)
         feeds = {name: self.cache[name] for name in inputs}
         self.cache.update(run_batched(session, feeds, outputs, self.batch_size, self.fixed_batch, self.on_batch,
                                       allocate=self.buffers.empty))
+
+    def _write_folded(self, segment: onnx.ModelProto, names: set[str]) -> None:
+        """The segment's copy of each folded point gets its fitted weights (the runner's model stays as given)."""
+        points = [self.folded[name] for name in names if name in self.folded]
+        if points:
+            writer = ModelWriter(segment)
+            for point, update in points:
+                write_update(writer, point, update)
 
     def _nodes_for(self, targets: list[str]) -> list[onnx.NodeProto]:
         """Not-yet-run nodes that the targets depend on, stopping at cached tensors, in graph order."""

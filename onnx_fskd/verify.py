@@ -12,9 +12,10 @@ from .graph import GraphIndex
 from .metrics import relative_error
 from .model_io import check
 from .points import CorrectionPoint
-from .runtime import make_session, run_batched
+from .runtime import make_session, run_batched, session_device, session_precision
 from .solve import Adapter
 
+# Merged vs explicit-Q model, both in full float32 (CPU, or CUDA with TF32 off: see runtime.make_session).
 EXACTNESS_TOLERANCE = 1e-4
 
 
@@ -52,5 +53,11 @@ def exactness(merged: ort.InferenceSession, explicit: onnx.ModelProto, feeds: di
     """Largest relative error over the outputs between the merged model (its session) and the explicit-Q model."""
     outputs = [o.name for o in explicit.graph.output]
     got = run_batched(merged, feeds, outputs, batch_size, fixed_batch)
-    want = run_batched(make_session(explicit, providers), feeds, outputs, batch_size, fixed_batch)
+    want = run_batched(make_session(explicit, providers, exact=True), feeds, outputs, batch_size, fixed_batch)
     return max(relative_error(got[name], want[name]) for name in outputs)
+
+
+def verified_on(session: ort.InferenceSession) -> str:
+    """Where the merge check ran, for the report: 'cpu' or 'cuda (use_tf32=0)'."""
+    device = session_device(session)
+    return device if device == "cpu" else f"{device} ({'use_tf32=0' if session_precision(session) == 'fp32' else 'tf32'})"

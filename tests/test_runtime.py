@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 
 import onnx_fskd.runtime as runtime
@@ -22,21 +23,36 @@ def test_auto_takes_cuda_only_when_onnxruntime_has_it(monkeypatch):
     assert runtime.resolve_providers("cpu") == ["CPUExecutionProvider"]
 
 
-def test_cuda_request_runs_on_cuda_or_falls_back_to_cpu():
-    """Asking for CUDA gives a CUDA session where onnxruntime-gpu can use it, else a working CPU session
-    reported as 'cpu'; either way the outputs are the CPU ones."""
+def test_cuda_sessions_for_checked_numbers_turn_tf32_off():
+    """What a CUDA session is given: TF32 off where float32 numbers are compared, ORT's default elsewhere."""
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runtime.session_providers(both, exact=True) == [("CUDAExecutionProvider", {"use_tf32": "0"}),
+                                                           "CPUExecutionProvider"]
+    assert runtime.session_providers(both, exact=False) == both
+    assert runtime.session_providers(["CPUExecutionProvider"], exact=True) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_cuda_request_runs_on_cuda_or_falls_back_to_cpu(exact):
+    """Asking for CUDA gives a working session: on CUDA (TF32 off when exact) where onnxruntime can use
+    it, else on the CPU, reported as 'cpu'; the outputs match the CPU's."""
     model = vgg_net()
+    cuda_usable = "CUDAExecutionProvider" in runtime.ort.get_available_providers()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        session = runtime.make_session(model, ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    cuda = "CUDAExecutionProvider" in session.get_providers()
-    assert runtime.session_device(session) == ("cuda" if cuda else "cpu")
+        session = runtime.make_session(model, ["CUDAExecutionProvider", "CPUExecutionProvider"], exact=exact)
+    cuda = runtime.session_device(session) == "cuda"
+    assert cuda or not cuda_usable or caught
     if not cuda:  # the fallback is never silent: onnxruntime says so itself
         assert any("CUDAExecutionProvider" in str(w.message) for w in caught)
+        assert runtime.session_precision(session) == "fp32"
+    else:
+        assert runtime.session_precision(session) == ("fp32" if exact else "tf32")
     feeds = random_inputs(model, 3)
     out = runtime.run_batched(session, feeds, ["logits"], 2)["logits"]
     expected = runtime.run_batched(runtime.make_session(model, ["CPUExecutionProvider"]), feeds, ["logits"], 2)["logits"]
-    np.testing.assert_allclose(out, expected, rtol=1e-3 if cuda else 0, atol=1e-4 if cuda else 0)
+    np.testing.assert_allclose(out, expected, rtol=0 if not cuda else 1e-4 if exact else 1e-3,
+                               atol=0 if not cuda else 1e-4)
 
 
 def test_fixed_batch_pads_the_last_batch():
@@ -48,3 +64,16 @@ def test_fixed_batch_pads_the_last_batch():
     assert out.shape == (6, 10)
     first = runtime.run_batched(session, {"input": feeds["input"][:4]}, ["logits"], 4, fixed_batch=4)["logits"]
     np.testing.assert_allclose(out[:4], first, rtol=1e-6)
+
+
+def test_batches_written_in_place_equal_one_run():
+    """Later batches go through IO binding straight into the result arrays; nothing may differ from
+    one run over all samples."""
+    model = vgg_net()
+    model.graph.output.append(onnx.helper.make_tensor_value_info("c2.relu", onnx.TensorProto.FLOAT, None))
+    session = runtime.make_session(model, ["CPUExecutionProvider"])
+    feeds = random_inputs(model, 7)
+    whole = session.run(["logits", "c2.relu"], feeds)
+    batched = runtime.run_batched(session, feeds, ["logits", "c2.relu"], 2)
+    np.testing.assert_allclose(batched["logits"], whole[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(batched["c2.relu"], whole[1], rtol=1e-5, atol=1e-6)

@@ -50,3 +50,14 @@ def test_pool_never_hands_out_an_array_still_in_use():
     del held
     reused = pool.empty((1 << 20,), np.float32)
     assert reused.__array_interface__["data"][0] == address
+
+
+def test_pool_keeps_at_most_its_budget_of_free_memory_largest_given_back_first():
+    mb = 1 << 20
+    pool = BufferPool(max_free_bytes=20 * mb)
+    for size in (16, 8, 12):  # MB, retired and no longer referenced anywhere else
+        pool.retire(np.empty(size * mb, np.uint8))
+    assert sorted(b.nbytes // mb for b in pool._free) == [8, 12]  # 16 + 8 > 20 gave the 16 MB one back
+    reused = pool.empty((10 * mb,), np.uint8)  # best fit: the 12 MB buffer
+    assert reused.base is not None and reused.base.nbytes == 12 * mb
+    assert [b.nbytes // mb for b in pool._free] == [8]

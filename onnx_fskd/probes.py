@@ -1,0 +1,310 @@
+"""Statistics inside ONNX Runtime: a small graph per point that maps the point's input (and the
+teacher's tensors) to the point's least-squares sums, so only C×C matrices leave the runtime.
+
+The graph holds a statistics-only copy of the point's op and affine chain (the real op keeps its
+fusions in the segment that runs it, with the fitted Q already folded into its weights), the target
+(teacher output on the kept channels, or the residual sum target), and the sums of ``Y`` and of the
+residual ``D = T − Y`` per diagonal block:
+
+- a per-channel shift ``s`` (the batch mean) is subtracted before any product, and the shifted sums
+  come back per sample, so float32 only ever sums centred values over one sample's positions;
+- the host adds the shift terms back and accumulates across batches in float64, then turns the ``D``
+  sums into the ``T`` sums that ``GramStats`` keeps. Working with ``D``
+  keeps the float32 rounding proportional to the student's error, not to the activations, which is
+  what the held-out guard needs when the student is already close.
+
+An optional 0/1 row weight (``attention_mask`` for token rows) drops padded rows from every sum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from threadpoolctl import threadpool_limits
+
+from .graph import GraphIndex
+from .points import CorrectionPoint
+from .runtime import make_session
+from .stats import GramStats
+
+_X, _T, _T_SKIP, _S_SKIP, _MASK = "fskd/x", "fskd/t", "fskd/t_skip", "fskd/s_skip", "fskd/mask"
+# Positions per sample from which per-sample Gram products beat one relayout into a long row axis.
+_PER_SAMPLE_POSITIONS = 1024
+# x: the point's output y, or its input when y = A·x + b is cheaper to rebuild on the host (input_map).
+# s·: the per-channel shift; S·: per-sample sums of shifted values; G··: Gram products; Qd: Σ(d − s_d)².
+_OUTPUTS = ("shape", "rows", "sx", "Sx", "Gxx", "sd", "Sd", "Gxd", "Qd")
+
+
+@dataclass(frozen=True)
+class ProbeFeeds:
+    """The cached tensors a probe reads, by role; skips and mask only where the probe was built with them."""
+
+    x: np.ndarray
+    teacher: np.ndarray
+    teacher_skip: np.ndarray | None = None
+    student_skip: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+    def window(self, rows: slice) -> dict[str, np.ndarray]:
+        named = {_X: self.x, _T: self.teacher, _T_SKIP: self.teacher_skip, _S_SKIP: self.student_skip,
+                 _MASK: self.mask}
+        return {name: value[rows] for name, value in named.items() if value is not None}
+
+
+def probe_blocker(point: CorrectionPoint, graph: GraphIndex) -> str | None:
+    """Why a point's statistics cannot be computed in-graph (the host path then takes it), or None."""
+    nodes = _point_nodes(point, graph)
+    tensors = {point.input} | {n.output[0] for n in nodes}
+    for node in nodes:
+        if any(i and i not in tensors and not graph.is_constant(i) for i in node.input):
+            return f"{node.name} reads a computed tensor besides the point's input"
+    weight = graph.constant(point.weight)
+    if weight.dtype != np.float32:
+        return f"weights are {weight.dtype}, not float32"
+    if point.channel_axis != 1 and point.groups != 1:
+        return "grouped channels-last op"
+    if point.channel_axis not in (1, point.rank - 1):
+        return "channel axis neither first nor last"
+    return None
+
+
+def input_map(point: CorrectionPoint, graph: GraphIndex) -> tuple[np.ndarray, np.ndarray] | None:
+    """(A, b) with y = A·x + b per position, for a point whose output statistics are cheaper to rebuild
+    from its input's (a 1×1 expansion conv, a widening MatMul: C_in < C_out); else None."""
+    node = graph.node_by_name[point.name]
+    weight = graph.constant(point.weight)
+    if point.op_type == "Conv":
+        if weight.shape[2:] != (1, 1) or point.groups != 1 or any(
+                a.name in ("strides", "pads") and any(v != (1 if a.name == "strides" else 0) for v in a.ints)
+                for a in node.attribute):
+            return None
+        bias = graph.constant(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+    elif point.op_type == "MatMul":
+        bias = 0.0
+    else:
+        return None
+    major = point.op.to_output_major(node, weight).astype(np.float64).reshape(point.channels, -1)
+    if major.shape[1] >= point.channels:
+        return None
+    scale, shift = np.ones(point.channels), np.zeros(point.channels)
+    for step in point.chain:
+        scale, shift = scale * step.scale, shift * step.scale + step.shift
+    return scale[:, None] * major, scale * bias + shift
+
+
+class StatsProbe:
+    """The statistics graph of one point and its ORT session."""
+
+    def __init__(self, point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_channels: int,
+                 providers: list[str], teacher_skip: bool = False, student_skip: bool = False,
+                 masked: bool = False):
+        self.point = point
+        self.via_input = input_map(point, graph)
+        self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked,
+                            self.via_input is not None)
+        self.session = make_session(self.model, providers, exact=True, blocked_layout=False)
+
+    def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int) -> list[GramStats]:
+        """One GramStats per part of the samples (fit rows, held-out rows), batches never straddling parts."""
+        results = []
+        with threadpool_limits(limits=1, user_api="blas"):  # small host products: see solve._solve_spd
+            for part in parts:
+                sums = _Sums()
+                for start in range(part.start, part.stop, batch_size):
+                    window = slice(start, min(start + batch_size, part.stop))
+                    sums.add(dict(zip(_OUTPUTS, self.session.run(list(_OUTPUTS), feeds.window(window)))))
+                results.append(sums.gram_stats(self.point, self.via_input))
+        return results
+
+
+class _Sums:
+    """Float64 running sums over batches, in the probe's own terms: n, Σx, Σd, Σx·xᵀ, Σx·dᵀ, Σd²."""
+
+    def __init__(self) -> None:
+        self.n, self.dd = 0.0, 0.0
+        self.x = self.d = self.xx = self.xd = 0.0
+
+    def add(self, v: dict[str, np.ndarray]) -> None:
+        """One batch: the shift terms added back to the float32 centred sums (per block)."""
+        shape = v["shape"]  # (N, B, k, L) of the planes
+        n = float(v["rows"]) if v["rows"] >= 0 else float(shape[0] * shape[3])
+        Sx, Sd, Qd = (v[name].astype(np.float64).sum(axis=0) for name in ("Sx", "Sd", "Qd"))  # (B, k), (B, m)
+        sx, sd = v["sx"].astype(np.float64).reshape(Sx.shape), v["sd"].astype(np.float64).reshape(Sd.shape)
+        self.xx = self.xx + _shifted_products(sx, Sx, v["Gxx"], sx, Sx, n)
+        self.xd = self.xd + _shifted_products(sx, Sx, v["Gxd"], sd, Sd, n)
+        self.x = self.x + n * sx + Sx
+        self.d = self.d + n * sd + Sd
+        self.dd += float(np.sum(Qd + 2.0 * sd * Sd + n * sd * sd))
+        self.n += n
+
+    def gram_stats(self, point: CorrectionPoint, via_input: tuple[np.ndarray, np.ndarray] | None) -> GramStats:
+        """[Y 1]ᵀ[Y 1], [Y 1]ᵀT and ΣT² with T = D + Y; with ``via_input`` = (A, b), y = A·x + b."""
+        if not self.n:
+            return GramStats.empty(point.channels, blocks=point.groups)
+        n = self.n
+        if via_input is None:
+            yy, yd, sum_y = self.xx, self.xd, self.x
+        else:
+            a, b = via_input
+            ax = a @ self.x[0]
+            yy = (a @ self.xx[0] @ a.T + np.outer(ax, b) + np.outer(b, ax) + n * np.outer(b, b))[None]
+            yd = (a @ self.xd[0] + np.outer(b, self.d[0]))[None]
+            sum_y = (ax + n * b)[None]
+        blocks, k = sum_y.shape
+        zz = np.zeros((blocks, k + 1, k + 1))
+        zz[:, :k, :k] = yy
+        zz[:, :k, k] = zz[:, k, :k] = sum_y
+        zz[:, k, k] = n
+        zt = np.empty((blocks, k + 1, k))
+        zt[:, :k] = yd + yy
+        zt[:, k] = self.d + sum_y
+        tt = self.dd + 2.0 * float(np.einsum("bii->", yd)) + float(np.einsum("bii->", yy))
+        return GramStats(zz, zt, tt, int(round(n)))
+
+
+def _shifted_products(s: np.ndarray, sums_a: np.ndarray, gram: np.ndarray, u: np.ndarray, sums_b: np.ndarray,
+                      n: float) -> np.ndarray:
+    """Σ a·bᵀ per block from the shifted sums: Σ(a−s)(b−u)ᵀ + s·Σ(b−u)ᵀ + Σ(a−s)·uᵀ + n·s·uᵀ."""
+    gram = gram.astype(np.float64).reshape(s.shape[0], s.shape[1], u.shape[1])
+    return gram + s[:, :, None] * sums_b[:, None, :] + sums_a[:, :, None] * u[:, None, :] + n * s[:, :, None] * u[:, None, :]
+
+
+def _point_nodes(point: CorrectionPoint, graph: GraphIndex) -> list[onnx.NodeProto]:
+    return [graph.node_by_name[point.name]] + [graph.node_by_name[step.node] for step in point.chain]
+
+
+def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_channels: int,
+           teacher_skip: bool, student_skip: bool, masked: bool, via_input: bool) -> onnx.ModelProto:
+    opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    g = _Builder(opset)
+    # The statistics-only copy of op + chain, reading the probe's input.
+    renamed = {point.input: _X}
+    constants: set[str] = set()
+    for index, node in enumerate(_point_nodes(point, graph)):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"fskd/copy{index}"
+        for slot, name in enumerate(copy.input):
+            if name in renamed:
+                copy.input[slot] = renamed[name]
+            elif name:
+                constants.add(name)
+        renamed[node.output[0]] = copy.output[0] = f"fskd/y{index}"
+        del copy.output[1:]
+        g.nodes.append(copy)
+    y = renamed[point.output]
+    g.initializers.extend(graph.model.graph.initializer[i] for i in _initializer_positions(graph, constants))
+    axis = point.channel_axis
+    target = g.op("Add", _T, _T_SKIP) if teacher_skip else _T
+    if len(kept) != teacher_channels or not np.array_equal(kept, np.arange(teacher_channels)):
+        target = g.op("Gather", target, g.const("kept", np.asarray(kept, np.int64)), axis=axis)
+    if student_skip:
+        target = g.op("Sub", target, _S_SKIP)
+    d = g.op("Sub", target, y)
+    blocks, k = point.groups, point.group_size
+    positions = _positions(graph.shapes.get(point.output), axis)
+    dp = g.planes(d, axis, blocks, k, point.channels)
+    if via_input:  # the input's sums: y = A·x + b is rebuilt on the host
+        in_channels = graph.shapes[point.weight][1] if point.op_type == "Conv" else graph.shapes[point.weight][0]
+        xp = g.planes(_X, 1 if point.op_type == "Conv" else -1, 1, in_channels, in_channels)  # the op's own input layout
+    else:
+        xp = g.planes(y, axis, blocks, k, point.channels)
+    weight = None
+    if masked:  # (N, L) → (N, 1, 1, L) rows weights
+        weight = g.op("Cast", g.op("Reshape", _MASK, g.const("mask_shape", np.array([0, 1, 1, -1]))),
+                      to=TensorProto.FLOAT)
+    g.output(g.op("Shape", dp), "shape")
+    g.output(g.reduce("ReduceSum", weight, [0, 1, 2, 3], 0) if masked else g.const("no_mask", np.float32(-1)), "rows")
+    xc = g.centred(xp, "sx", weight)
+    dc = g.centred(dp, "sd", weight)
+    g.output(g.reduce("ReduceSum", xc, [3], 0), "Sx")
+    g.output(g.reduce("ReduceSum", dc, [3], 0), "Sd")
+    g.output(g.reduce("ReduceSumSquare", dc, [3], 0), "Qd")
+    if k == 1 and not via_input:  # depthwise: one scalar regression per channel
+        g.output(g.reduce("ReduceSum", g.op("Mul", xc, xc), [0, 3], 0), "Gxx")
+        g.output(g.reduce("ReduceSum", g.op("Mul", xc, dc), [0, 3], 0), "Gxd")
+    elif positions is not None and positions >= _PER_SAMPLE_POSITIONS:
+        # Many positions per sample: one (k×L)·(L×k) product per sample, summed (no relayout).
+        for other, name in ((xc, "Gxx"), (dc, "Gxd")):
+            g.output(g.reduce("ReduceSum", g.op("MatMul", xc, g.op("Transpose", other, perm=[0, 1, 3, 2])), [0], 0), name)
+    else:  # few positions: samples and positions as one long row axis, one product per block
+        rows_x = g.rows(xc)
+        rows_d = g.rows(dc)
+        g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_x, perm=[0, 2, 1])), "Gxx")
+        g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_d, perm=[0, 2, 1])), "Gxd")
+    inputs = [_X, _T] + ([_T_SKIP] if teacher_skip else []) + ([_S_SKIP] if student_skip else [])
+    inputs += [_MASK] if masked else []
+    types = {_MASK: TensorProto.INT64}
+    graph_proto = helper.make_graph(
+        g.nodes, f"fskd_probe_{point.name}",
+        [helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None) for name in inputs],
+        [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "shape" else TensorProto.FLOAT, None)
+         for name in _OUTPUTS],
+        g.initializers)
+    return helper.make_model(graph_proto, ir_version=graph.model.ir_version, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _positions(shape: tuple | None, axis: int) -> int | None:
+    """Rows per sample of a point's output, when shape inference knows them."""
+    if shape is None or any(d is None for d in shape[1:]):
+        return None
+    return int(np.prod([d for i, d in enumerate(shape) if i not in (0, axis % len(shape))]))
+
+
+def _initializer_positions(graph: GraphIndex, names: set[str]) -> list[int]:
+    return [i for i, t in enumerate(graph.model.graph.initializer) if t.name in names]
+
+
+class _Builder:
+    """Node-by-node construction with fresh names; reductions in the form the opset wants."""
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        out = f"fskd/t{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"fskd/n{len(self.nodes)}", **attrs))
+        return out
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        full = f"fskd/c_{name}"
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), full))
+        return full
+
+    def output(self, tensor: str, role: str) -> None:
+        self.nodes.append(helper.make_node("Identity", [tensor], [role], name=f"fskd/out_{role}"))
+
+    def reduce(self, op_type: str, tensor: str, axes: list[int], keepdims: int) -> str:
+        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if axes_as_input:
+            return self.op(op_type, tensor, self.const(f"axes{len(self.initializers)}", np.array(axes, np.int64)),
+                           keepdims=keepdims)
+        return self.op(op_type, tensor, axes=axes, keepdims=keepdims)
+
+    def planes(self, tensor: str, axis: int, blocks: int, k: int, channels: int) -> str:
+        """(N, B, k, L): channels-first tensors by a reshape, channels-last ones through a transpose."""
+        if axis != 1:
+            rows = self.op("Reshape", tensor, self.const(f"rows{len(self.initializers)}", np.array([0, -1, channels])))
+            tensor = self.op("Transpose", rows, perm=[0, 2, 1])
+        return self.op("Reshape", tensor, self.const(f"planes{len(self.initializers)}", np.array([0, blocks, k, -1])))
+
+    def rows(self, planes: str) -> str:
+        """(N, B, k, L) → (B, k, N·L)."""
+        moved = self.op("Transpose", planes, perm=[1, 2, 0, 3])
+        return self.op("Reshape", moved, self.const(f"rows{len(self.initializers)}", np.array([0, 0, -1])))
+
+    def centred(self, planes: str, role: str, weight: str | None) -> str:
+        """(planes − s)·w with s the per-channel mean of the rows that count (any shift is exact, the host
+        adds it back; the closer to the mean, the less float32 cancellation)."""
+        if weight is None:
+            shift = self.reduce("ReduceMean", planes, [0, 3], 1)
+        else:
+            count = self.op("Max", self.reduce("ReduceSum", weight, [0, 3], 1), self.const(f"one{len(self.initializers)}", np.float32(1)))
+            shift = self.op("Div", self.reduce("ReduceSum", self.op("Mul", planes, weight), [0, 3], 1), count)
+        self.output(shift, role)
+        centred = self.op("Sub", planes, shift)
+        return self.op("Mul", centred, weight) if weight is not None else centred

@@ -1,0 +1,229 @@
+"""In-graph statistics (probes.py) against the float64 NumPy reference (stats.GramStats), and the fit
+that uses them against the host path: same points kept, same Q, same held-out errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import onnx_fskd.pipeline as pipeline
+from builders import IR_VERSION, OPSET, NetBuilder, mobile_net, prune_by_slicing, random_inputs, resnet_net, token_mlp, vgg_net
+from onnx_fskd.data import Samples
+from onnx_fskd.graph import GraphIndex
+from onnx_fskd.pipeline import FitConfig, fit
+from onnx_fskd.points import find_points
+from onnx_fskd.probes import ProbeFeeds, StatsProbe, probe_blocker
+from onnx_fskd.runtime import make_session, run_batched
+from onnx_fskd.stats import GramStats, as_planes
+from test_fit import outputs, perturbed
+from transformer_builders import bert_block, nhwc_block
+
+CPU = ["CPUExecutionProvider"]
+
+
+def inputs_for(model: onnx.ModelProto, count: int) -> dict[str, np.ndarray]:
+    """Random samples for every graph input (token ids and masks for the BERT block)."""
+    rng = np.random.default_rng(1)
+    feeds = {}
+    for value in model.graph.input:
+        dims = [d.dim_value or 6 for d in value.type.tensor_type.shape.dim[1:]]
+        if value.type.tensor_type.elem_type == TensorProto.INT64:
+            feeds[value.name] = (np.ones((count, *dims), np.int64) if "mask" in value.name
+                                 else rng.integers(0, 10, (count, *dims)))
+        else:
+            feeds[value.name] = rng.normal(size=(count, *dims)).astype(np.float32)
+    return feeds
+
+
+def tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    return run_batched(make_session(probe, CPU), feeds, names, 64)
+
+
+def reference(y: np.ndarray, t: np.ndarray, axis: int, channels: int, groups: int) -> GramStats:
+    stats = GramStats.empty(channels, blocks=groups)
+    stats.add(as_planes(y, axis), as_planes(t, axis))
+    return stats
+
+
+def assert_close(got: GramStats, want: GramStats, rtol: float) -> None:
+    assert got.rows == want.rows
+    for a, b in ((got.zz, want.zz), (got.zt, want.zt)):
+        assert np.abs(a - b).max() <= rtol * np.abs(b).max()
+    assert abs(got.tt - want.tt) <= rtol * want.tt
+
+
+@pytest.mark.parametrize("make", [vgg_net, resnet_net, mobile_net, token_mlp, nhwc_block, bert_block])
+def test_probe_sums_match_float64_numpy(make):
+    """Every point (dense, grouped, depthwise, Gemm, token MatMul, NHWC chains behind Transpose/Cast),
+    with a shifted and scaled target far from zero mean, split in fit and held-out parts whose batches do
+    not straddle them."""
+    model = make()
+    graph = GraphIndex(model)
+    feeds = inputs_for(model, 21)
+    points = [p for p in find_points(graph).points if probe_blocker(p, graph) is None]
+    assert points
+    for point in points:
+        got = tensors(model, feeds, [point.input, point.output])
+        x, y = got[point.input], got[point.output]
+        t = (1.3 * y + 0.2 * np.random.default_rng(0).normal(size=y.shape) + 5.0).astype(np.float32)
+        probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU)
+        parts = [slice(0, 16), slice(16, 21)]
+        for part, stats in zip(parts, probe.accumulate(ProbeFeeds(x, t), parts, batch_size=5)):
+            assert_close(stats, reference(y[part], t[part], point.channel_axis, point.channels, point.groups), 1e-5)
+
+
+def nhwc_expansion() -> onnx.ModelProto:
+    """A 1×1 expansion conv whose output is moved to NHWC before its bias Add: the probe sums its NCHW
+    input and rebuilds the NHWC output's statistics."""
+    b = NetBuilder(4)
+    x = b.conv("expand", "input", 4, 12, k=1)
+    x = b.node("Transpose", "to_nhwc", [x], perm=[0, 2, 3, 1])
+    x = b.node("Relu", "act", [b.node("Add", "shift", [x, b.const("shift.b", b.rng.normal(0, 0.1, 12))])])
+    x = b.node("ReduceMean", "pool", [x], axes=[1, 2], keepdims=0)
+    return b.model(b.gemm("fc", x, 12, 10), (4, 5, 5), 10, "nhwc_expansion")
+
+
+def test_expansion_behind_a_transpose_is_summed_from_its_input():
+    model = nhwc_expansion()
+    graph = GraphIndex(model)
+    point = next(p for p in find_points(graph).points if p.name == "expand")
+    assert point.channel_axis == 3 and probe_blocker(point, graph) is None
+    feeds = random_inputs(model, 13)
+    got = tensors(model, feeds, [point.input, point.output])
+    y = got[point.output]
+    t = (0.7 * y + 0.3 * np.random.default_rng(3).normal(size=y.shape) - 2.0).astype(np.float32)
+    probe = StatsProbe(point, graph, np.arange(12), 12, CPU)
+    assert probe.via_input is not None
+    stats = probe.accumulate(ProbeFeeds(got[point.input], t), [slice(0, 13)], 5)[0]
+    assert_close(stats, reference(y, t, 3, 12, 1), 1e-5)
+
+
+def test_probe_builds_residual_sum_targets_on_kept_channels():
+    """target = teacher output[kept] + teacher skip[kept] − student skip, gathered inside the graph."""
+    model = resnet_net()
+    graph = GraphIndex(model)
+    point = next(p for p in find_points(graph).points if p.residual_skip)
+    feeds = random_inputs(model, 12)
+    got = tensors(model, feeds, [point.input, point.output, point.residual_skip])
+    rng = np.random.default_rng(2)
+    wide = point.channels + 3
+    kept = np.sort(rng.choice(wide, point.channels, replace=False))
+    t_out, t_skip = (rng.normal(size=(12, wide) + got[point.output].shape[2:]).astype(np.float32) for _ in range(2))
+    probe = StatsProbe(point, graph, kept, wide, CPU, teacher_skip=True, student_skip=True)
+    stats = probe.accumulate(ProbeFeeds(got[point.input], t_out, t_skip, got[point.residual_skip]), [slice(0, 12)], 4)[0]
+    target = t_out[:, kept] + t_skip[:, kept] - got[point.residual_skip]
+    assert_close(stats, reference(got[point.output], target, 1, point.channels, 1), 1e-5)
+
+
+def test_identical_nets_show_no_error():
+    """The residual D = T − Y is summed in-graph: a student equal to its teacher shows only the rounding
+    of its fused vs unfused kernels (float32 sums of T alone would leave ~1e-4 and the guard would fit it)."""
+    model = vgg_net()
+    result = fit(model, model, Samples(random_inputs(model, 40)), FitConfig(solver="q"))
+    assert all(p.statistics == "runtime" and p.error_before < 1e-6 and p.status == "rejected"
+               for p in result.report.points)
+
+
+@pytest.mark.parametrize("make,mode", [(resnet_net, "sequential"), (mobile_net, "sequential"), (vgg_net, "parallel")])
+def test_fit_from_runtime_statistics_matches_the_host_path(make, mode, monkeypatch):
+    teacher = make()
+    student = perturbed(teacher, 0.3)
+    samples = Samples(random_inputs(teacher, 60))
+    config = FitConfig(mode=mode, batch_size=16, solver="q")
+    in_graph = fit(teacher, student, samples, config)
+    monkeypatch.setattr(pipeline, "probe_blocker", lambda point, graph: "forced host path")
+    on_host = fit(teacher, student, samples, config)
+    assert {p.statistics for p in in_graph.report.points} == {"runtime"}
+    assert {p.statistics for p in on_host.report.points} == {"host"}
+    assert [p.status for p in in_graph.report.points] == [p.status for p in on_host.report.points]
+    assert in_graph.adapters.keys() == on_host.adapters.keys() and in_graph.adapters
+    for name, adapter in in_graph.adapters.items():
+        np.testing.assert_allclose(adapter.q, on_host.adapters[name].q, atol=2e-4)
+    for a, b in zip(in_graph.report.points, on_host.report.points):
+        assert a.rows == b.rows
+        np.testing.assert_allclose([a.error_before, a.error_after], [b.error_before, b.error_after], rtol=1e-3)
+    assert in_graph.report.exactness <= in_graph.report.exactness_tolerance == 1e-4
+    assert in_graph.report.verified_on == "cpu"
+    if mode == "sequential":
+        assert in_graph.report.consistency <= 1e-5
+    feeds = random_inputs(teacher, 30, seed=7)
+    np.testing.assert_allclose(outputs(in_graph.model, feeds), outputs(on_host.model, feeds), rtol=1e-3, atol=1e-3)
+
+
+def test_pruned_student_runtime_statistics_recover_it():
+    """Kept channels found from the weights feed a Gather inside the probe; the fit still recovers."""
+    teacher = vgg_net()
+    rng = np.random.default_rng(0)
+    student = prune_by_slicing(teacher, {"c1": np.sort(rng.choice(16, 9, replace=False)),
+                                         "c3": np.sort(rng.choice(32, 20, replace=False))})
+    samples = Samples(random_inputs(teacher, 80))
+    result = fit(teacher, student, samples, FitConfig(solver="q"))
+    assert all(p.statistics == "runtime" for p in result.report.points)
+    feeds = random_inputs(teacher, 40, seed=5)
+    want = outputs(teacher, feeds)
+    assert np.linalg.norm(outputs(result.model, feeds) - want) < 0.8 * np.linalg.norm(outputs(student, feeds) - want)
+
+
+def masked_token_net(seed: int = 0) -> onnx.ModelProto:
+    """MatMul MLP over (N, 6, 12) tokens with masked mean pooling: padded tokens never reach the output."""
+    b = NetBuilder(seed)
+    x = "input"
+    for i, (cin, cout) in enumerate([(12, 24), (24, 16)]):
+        x = b.node("MatMul", f"t{i}", [x, b.const(f"t{i}.w", b.rng.normal(0, np.sqrt(2.0 / cin), (cin, cout)))])
+        x = b.node("Relu", f"t{i}.relu", [b.node("Add", f"t{i}.add", [x, b.const(f"t{i}.b", b.rng.normal(0, 0.1, cout))])])
+    mask = b.node("Unsqueeze", "mask3", [b.node("Cast", "maskf", ["attention_mask"], to=TensorProto.FLOAT),
+                                         b.node("Constant", "axis", [], value=helper.make_tensor("a", TensorProto.INT64, [1], [2]))])
+    pooled = b.node("Div", "pool", [b.node("ReduceSum", "sum", [b.node("Mul", "masked", [x, mask]), b.const("ax", [1])], keepdims=0),
+                                    b.node("ReduceSum", "count", [mask, b.const("ax2", [1])], keepdims=0)])
+    b.node("MatMul", "head", [pooled, b.const("head.w", b.rng.normal(0, 0.25, (16, 10)))])
+    b.nodes[-1].output[0] = "logits"
+    for t in b.inits:
+        if t.name.startswith("ax"):
+            t.CopyFrom(onnx.numpy_helper.from_array(np.array([1], np.int64), t.name))
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6, 12]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", 6])]
+    graph = helper.make_graph(b.nodes, "masked_tokens", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
+def padded_tokens(count: int, seed: int) -> dict[str, np.ndarray]:
+    """Real tokens ~N(0, 1); padding holds huge garbage that only the mask tells apart."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 7, count)
+    mask = (np.arange(6)[None, :] < lengths[:, None]).astype(np.int64)
+    x = rng.normal(size=(count, 6, 12)).astype(np.float32)
+    x[mask == 0] = rng.normal(0, 50, size=(int((mask == 0).sum()), 12))
+    return {"input": x, "attention_mask": mask}
+
+
+def test_attention_mask_leaves_padded_rows_out():
+    teacher = masked_token_net()
+    student = perturbed(teacher, 0.3)
+    feeds = padded_tokens(80, 1)
+    result = fit(teacher, student, Samples(feeds), FitConfig(solver="q"))
+    token_points = [p for p in result.report.points if p.student in ("t0", "t1")]
+    assert [p.rows for p in token_points] == [int(feeds["attention_mask"].sum())] * 2
+    assert all(p.statistics == "runtime" and p.status == "kept" for p in token_points)
+    # The probe's masked sums equal the float64 sums over the real tokens only.
+    graph = GraphIndex(student)
+    point = next(p for p in find_points(graph).points if p.name == "t1")
+    got = tensors(student, feeds, [point.input, point.output])
+    t = tensors(teacher, feeds, [point.output])[point.output]
+    probe = StatsProbe(point, graph, np.arange(16), 16, CPU, masked=True)
+    stats = probe.accumulate(ProbeFeeds(got[point.input], t, mask=feeds["attention_mask"]), [slice(0, 80)], 32)[0]
+    real = feeds["attention_mask"].astype(bool)
+    assert_close(stats, reference(got[point.output][real], t[real], 1, 16, 1), 1e-5)
+    # Fitting on the padding too would chase garbage: the masked fit recovers the outputs better.
+    test = padded_tokens(40, 9)
+    want = outputs_of(teacher, test)
+    assert np.linalg.norm(outputs_of(result.model, test) - want) < 0.5 * np.linalg.norm(outputs_of(student, test) - want)
+
+
+def outputs_of(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return run_batched(make_session(model, CPU), feeds, ["logits"], 64)["logits"]
