@@ -104,7 +104,7 @@ class StatsProbe:
         self.via_input = input_map(point, graph)
         self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked,
                             self.via_input is not None)
-        self.session = make_session(self.model, providers, exact=True, blocked_layout=False)
+        self.session = make_session(self.model, providers, exact=True)
 
     def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int) -> list[GramStats]:
         """One GramStats per part of the samples (fit rows, held-out rows), batches never straddling parts."""

@@ -91,7 +91,7 @@ class SegmentRunner:
             raise FskdError(f"cannot cut a sub-graph at {outputs[0]}: {exc}") from None
         segment.ir_version = self.ir_version
         self._write_folded(segment, {node.name for node in nodes})
-        session = make_session(segment, self.providers, exact=True, blocked_layout=False)
+        session = make_session(segment, self.providers, exact=True)
         feeds = {name: self.cache[name] for name in inputs}
         self.cache.update(run_batched(session, feeds, outputs, self.batch_size, self.fixed_batch, self.on_batch,
                                       allocate=self.buffers.empty))
