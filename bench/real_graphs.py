@@ -167,14 +167,15 @@ def transformer(ids, mask, labels) -> list[dict]:
     got = run(student, test)
     rows.append({"model": "pruned (FFN 50 %, heads 25 %)", "cosine": cosine(got, want),
                  "accuracy": float(np.mean(np.argmax(got @ w.T + b, 1) == labels[test_rows]))})
-    for solver in ("q", "full"):
-        fitted = OUT / f"encoder_fit_{solver}.onnx"
+    # The FFN neurons and heads the pruner kept (L1), or re-chosen from the samples (--reselect, the default).
+    for solver, reselect in (("q", "--no-reselect"), ("q", "--reselect"), ("full", "--no-reselect"), ("full", "--reselect")):
+        fitted = OUT / f"encoder_fit_{solver}{reselect}.onnx"
         start = time.perf_counter()
         print(cli("fit", str(teacher), "--student", str(student), "--data", str(OUT / "tokens_calib.npz"), "-o", str(fitted),
-                  "--solver", solver, "--force", "--report", str(OUT / f"encoder_fit_{solver}.json")))
+                  "--solver", solver, reselect, "--force", "--report", str(OUT / f"encoder_fit_{solver}{reselect}.json")))
         seconds = time.perf_counter() - start
         got = run(fitted, test)
-        rows.append({"model": f"fit --solver {solver} ({seconds:.0f} s)", "cosine": cosine(got, want),
+        rows.append({"model": f"fit --solver {solver} {reselect} ({seconds:.0f} s)", "cosine": cosine(got, want),
                      "accuracy": float(np.mean(np.argmax(got @ w.T + b, 1) == labels[test_rows]))})
     return rows
 
