@@ -56,8 +56,9 @@ _DEFAULTS = FitConfig()
               show_default=True, help="For a point feeding a residual Add: match the teacher's sum, or its own output.")
 @click.option("--solver", type=click.Choice(["q", "full", "auto"]), default=_DEFAULTS.solver, show_default=True,
               help="q: the paper's C×C map after each op (fast); full: refit each op's whole weight from its "
-                   "input patches (recovers more, statistics cost ~k²·C_in/C_out times q's); auto: full where "
-                   "that cost is small, q elsewhere.")
+                   "input patches (recovers more, statistics cost ~k²·C_in/C_out times q's, on the host); auto: "
+                   "full where that cost is at most 16× the layer's, q elsewhere (on ImageNet-size nets about "
+                   "2–4× the fit time of q: use q when time matters).")
 @click.option("--ridge", type=FiniteFloat(low=0), default=_DEFAULTS.ridge, show_default=True,
               help="Ridge strength relative to the Gram trace; Q is shrunk towards identity.")
 @click.option("--holdout", type=FiniteFloat(0, 1, high_open=True), default=_DEFAULTS.holdout, show_default=True,
