@@ -58,7 +58,7 @@ _DEFAULTS = FitConfig()
               help="q: the paper's C×C map after each op (fast); full: refit each op's whole weight from its "
                    "input patches (recovers more, statistics cost ~k²·C_in/C_out times q's, on the host); auto: "
                    "full where that cost is at most 16× the layer's, q elsewhere (on ImageNet-size nets about "
-                   "2–4× the fit time of q: use q when time matters).")
+                   "2–4.5× the fit time of q: use q when time matters).")
 @click.option("--ridge", type=FiniteFloat(low=0), default=_DEFAULTS.ridge, show_default=True,
               help="Ridge strength relative to the Gram trace; Q is shrunk towards identity.")
 @click.option("--holdout", type=FiniteFloat(0, 1, high_open=True), default=_DEFAULTS.holdout, show_default=True,
