@@ -92,7 +92,7 @@ def main() -> None:
     student_net = EfficientNetish()
     student_net.load_state_dict(teacher_net.state_dict())
     with torch.no_grad():
-        for name, p in student_net.named_parameters():
+        for p in student_net.parameters():
             if p.dim() == 4:  # perturb every conv, depthwise included (a diagonal Q cannot undo that exactly)
                 p.add_(0.3 * p.std() * torch.randn_like(p))
     teacher, student = export(teacher_net), export(student_net)

@@ -196,7 +196,7 @@ def nhwc(images, labels) -> list[dict]:
         fitted, student = OUT / f"nhwc_fit_{solver}.onnx", OUT / "nhwc_pruned.onnx"
         print(cli("fit", str(teacher), "--prune", "0.5", "--data", str(OUT / "images_calib.npy"), "-o", str(fitted),
                   "--student-out", str(student), "--solver", solver, "--force", "--report", str(OUT / f"nhwc_fit_{solver}.json")))
-        for name, path in ((f"pruned 50 %", student), (f"fit --solver {solver}", fitted)):
+        for name, path in (("pruned 50 %", student), (f"fit --solver {solver}", fitted)):
             if name.startswith("pruned") and solver == "full":
                 continue
             got = run(path, test)
