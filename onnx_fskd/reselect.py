@@ -94,6 +94,7 @@ def reselect_channels(teacher: onnx.ModelProto, student: onnx.ModelProto, pairs:
     by_teacher = {p.teacher.name: p for p in pairs}
     groups = [g for g in find_groups(t_graph) if not g.refused]
     state = {id(g): _group_kept(g, by_teacher) for g in groups}
+    index = _slices_by_constant(groups)
     lines: list[GroupReselection] = []
     work: list[tuple[Group, list[_Consumer]]] = []
     for group in groups:
@@ -102,7 +103,7 @@ def reselect_channels(teacher: onnx.ModelProto, student: onnx.ModelProto, pairs:
             continue
         consumers, note = _consumers(group, t_graph)
         if not note:
-            note = _rewrite_blocker(group, groups, state, t_graph, s_graph, writable)
+            note = _rewrite_blocker(group, index, state, t_graph, s_graph, writable)
         if note:
             lines.append(GroupReselection(tuple(group.producers), group.channels, len(kept), 0, None, None, note))
             continue
@@ -128,7 +129,7 @@ def reselect_channels(teacher: onnx.ModelProto, student: onnx.ModelProto, pairs:
         else:
             after, changed = before, 0
         lines.append(GroupReselection(tuple(group.producers), group.channels, len(old), changed, before, after))
-    student, initializers = _rewrite(student, changed_groups, groups, state, t_graph, s_graph)
+    student, initializers = _rewrite(student, changed_groups, index, state, t_graph, s_graph)
     return Reselection(student, _updated_pairs(pairs, changed_groups, state, GraphIndex(student)), initializers, lines)
 
 
@@ -313,20 +314,16 @@ def _slices_by_constant(groups: list[Group]) -> dict[tuple[str, int], list[tuple
     return index
 
 
-def _rewrite_blocker(group: Group, groups: list[Group], state: dict[int, np.ndarray | None],
-                     t_graph: GraphIndex, s_graph: GraphIndex, writable: dict[str, tuple[int, ...]] | None) -> str:
+def _rewrite_blocker(group: Group, index: dict[tuple[str, int], list[tuple[Group, object]]],
+                     state: dict[int, np.ndarray | None], t_graph: GraphIndex, s_graph: GraphIndex,
+                     writable: dict[str, tuple[int, ...]] | None) -> str:
     """Why the group's constants cannot be rebuilt from the teacher's, or '' when they can."""
-    index = _slices_by_constant(groups)
-    uses: dict[str, int] = {}
-    for node in s_graph.nodes:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
     for cut in group.slices:
         node = s_graph.node_by_name.get(cut.node)
         if node is None or len(node.input) <= cut.input_index or not s_graph.is_constant(node.input[cut.input_index]):
             return f"the student has no constant input {cut.input_index} on '{cut.node}'"
         name = node.input[cut.input_index]
-        if uses.get(name, 0) > 1:
+        if len(s_graph.consumers.get(name, ())) > 1:
             return f"the student shares '{name}' between several nodes"
         if writable is not None and writable.get(name) != tuple(s_graph.initializers[name].dims):
             return f"'{name}' is computed from other constants in the student as loaded"
@@ -351,9 +348,9 @@ def _sliced_teacher(t_graph: GraphIndex, node_name: str, input_index: int,
     return value
 
 
-def _rewrite(student: onnx.ModelProto, changed: list[Group], groups: list[Group], state: dict[int, np.ndarray],
-             t_graph: GraphIndex, s_graph: GraphIndex) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    index = _slices_by_constant(groups)
+def _rewrite(student: onnx.ModelProto, changed: list[Group], index: dict[tuple[str, int], list[tuple[Group, object]]],
+             state: dict[int, np.ndarray], t_graph: GraphIndex, s_graph: GraphIndex
+             ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     values: dict[str, np.ndarray] = {}
     for group in changed:
         for cut in group.slices:
