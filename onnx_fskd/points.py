@@ -73,7 +73,7 @@ class CorrectionPoint:
 
     def explicit_q(self, source: str, target: str, q: np.ndarray, d: np.ndarray):
         """Nodes computing target = Q·source + d on the channel axis of ``output`` (for exactness checks)."""
-        op = self.op if self.channel_axis == (1 if self.op_type == "Conv" else self.rank - 1) else linear_op_for_type("MatMul")
+        op = self.op if self.output_axis is None else linear_op_for_type("MatMul")
         return op.explicit_q(self.name, source, target, q, d, self.rank)
 
     @property

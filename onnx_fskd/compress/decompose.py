@@ -85,16 +85,16 @@ def decompose_model(model: onnx.ModelProto, rank_ratio: float | None = None, met
         if not plans:
             continue
         best = min(plans, key=lambda plan: plan.macs_after)
-        if require_saving and choice.energy is None and best.min_rank == 1 < _full_rank(graph, node):
+        full = _full_rank(graph, node)
+        if require_saving and choice.energy is None and best.min_rank == 1 < full:
             notes.append(f"{node.name}: skipped, {best.method} at rank 1 would wreck it (of full rank "
-                         f"{_full_rank(graph, node)}); a larger --rank-ratio or --energy keeps more")
+                         f"{full}); a larger --rank-ratio or --energy keeps more")
             continue
         if require_saving and best.macs_after >= best.macs_before:
             notes.append(f"{node.name}: skipped, {best.method} at {best.rank} would not cut its MACs "
                          f"({best.macs_before:,} → {best.macs_after:,})")
             continue
         replaced[node.name] = best.build(namer)
-        full = _full_rank(graph, node)
         changes.append(LayerChange(node.name, node.op_type, str(full), f"{best.method} {best.rank}",
                                    tuple(n.name for n in replaced[node.name][0])))
     if not replaced:

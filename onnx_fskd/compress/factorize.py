@@ -29,7 +29,7 @@ class RankChoice:
         full = min(matrix.shape)
         if self.energy is None:
             return int(min(full, max(1, math.ceil(self.ratio * full - 1e-9))))
-        power = _gram_eigen(matrix.astype(np.float64))[0]
+        power = _powers(matrix.astype(np.float64))
         total = power.sum()
         if total <= 0:
             return 1
@@ -57,6 +57,12 @@ def _gram_eigen(matrix: np.ndarray, left: bool = True) -> tuple[np.ndarray, np.n
     gram = matrix @ matrix.T if left else matrix.T @ matrix
     power, vectors = np.linalg.eigh(gram)
     return np.clip(power[::-1], 0.0, None), vectors[:, ::-1]
+
+
+def _powers(matrix: np.ndarray) -> np.ndarray:
+    """The squared singular values, descending: eigenvalues only, of the shorter side's Gram matrix."""
+    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
+    return np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None)
 
 
 def _left_vectors(matrix: np.ndarray, rank: int) -> np.ndarray:
