@@ -18,7 +18,7 @@ from onnx_fskd.costs import check_input_shapes
 
 from .common import (OneLineErrors, build_image_options, build_input_shapes, image_options, input_shapes_option,
                      reports_errors)
-from .output import human_console, is_stdout, output_options, write_json
+from .output import human_console, is_stdout, output_options, print_json
 
 
 @click.command("eval", cls=OneLineErrors)
@@ -67,7 +67,7 @@ def eval_command(model_path: Path, data_path: Path, reference_path: Path | None,
             outputs.stage(json_path, lambda path: write_json_file(result.to_json(), path))
     human_console(data_on_stdout=is_stdout(json_path)).print(_table(result))
     if is_stdout(json_path):
-        write_json(result.to_json(), json_path, "results")
+        print_json(result.to_json())
 
 
 def _table(result: EvalResult) -> Table:

@@ -26,7 +26,7 @@ from onnx_fskd.costs import check_input_shapes
 
 from .common import (FiniteFloat, OneLineErrors, build_image_options, build_input_shapes, image_options,
                      input_shapes_option, reports_errors)
-from .output import human_console, is_stdout, output_options, warning_console, write_json
+from .output import human_console, is_stdout, output_options, print_json, warning_console
 
 _DEFAULTS = FitConfig()
 
@@ -156,7 +156,7 @@ def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: floa
         if report_path and not is_stdout(report_path):
             outputs.stage(report_path, lambda path: write_json_file(document, path))
     if is_stdout(report_path):
-        write_json(document, report_path, "report")
+        print_json(document)
     console = human_console(data_on_stdout=is_stdout(report_path))
     _print_report(console, result.report, output_path)
     if compressed is not None:

@@ -1,5 +1,5 @@
 """How commands print: -q/-v, human output on stdout (stderr when JSON goes there), full-width tables in
-pipes, JSON to a file or to stdout ('-'), and each library warning printed once."""
+pipes, JSON to stdout ('-'), and each library warning printed once."""
 
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ def human_console(data_on_stdout: bool = False) -> Console:
 
 def warning_console() -> Console:
     """stderr for warnings; -q keeps only errors, so it silences these too."""
-    ctx = click.get_current_context(silent=True)
-    return _console(sys.stderr, bool(ctx and ctx.meta.get("onnx_fskd.quiet")))
+    return human_console(data_on_stdout=True)
 
 
 def _console(stream, quiet: bool) -> Console:
@@ -54,18 +53,9 @@ def _console(stream, quiet: bool) -> Console:
                    force_terminal=None if terminal else False)
 
 
-def write_json(document: dict, path: Path, what: str) -> None:
-    """Write JSON to ``path``, or to stdout when it is '-'. Raises FskdError on an unwritable path."""
-    text = json.dumps(document, indent=2) + "\n"
-    if path == STDOUT:
-        click.echo(text, nl=False)
-        return
-    from onnx_fskd.errors import FskdError
-
-    try:
-        path.write_text(text)
-    except OSError as exc:
-        raise FskdError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+def print_json(document: dict) -> None:
+    """JSON asked for with '-': on stdout (files go through onnx_fskd.outputs, staged with the rest)."""
+    click.echo(json.dumps(document, indent=2) + "\n", nl=False)
 
 
 class _OnceHandler(logging.Handler):

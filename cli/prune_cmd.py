@@ -57,7 +57,7 @@ def prune_command(model_path: Path, ratio: float, head_ratio: float | None, outp
     `onnx-fskd fit` uses."""
     check_prune_options(ratio, criterion, exclude, round_to, head_ratio)
     shapes = build_input_shapes(input_shapes)
-    outputs = OutputSet(protected_files([model_path] + ([data_path] if data_path else [])), force)
+    outputs = OutputSet(protected_files([model_path], [data_path]), force)
     outputs.claim(output_path, "-o")
     model = load_model(model_path)
     check_input_shapes(model, shapes)

@@ -22,8 +22,8 @@ from .compress.decompose import check_decompose_options
 from .data import DataSource, ImageOptions, batches_from, input_specs, samples_from
 from .errors import FskdError, UsageError, raises_fskd_error
 from .evaluation import evaluate as _evaluate
-from .model_io import load_model, write_model
-from .outputs import OutputSet
+from .model_io import load_model
+from .outputs import save_model_atomic
 from .provenance import drop_channel_map, run_record, stamp_producer
 from .runtime import DEFAULT_BATCH, resolve_providers
 
@@ -48,11 +48,7 @@ class FitResult:
     @raises_fskd_error
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write atomically; an existing file needs ``force``, as on the command line."""
-        outputs = OutputSet(protected=[], force=force)
-        path = outputs.claim(path, "path")
-        with outputs.commit_on_success():
-            outputs.stage(path, lambda staged: write_model(self.model, staged, like=self._like))
-        return path
+        return save_model_atomic(self.model, path, self._like, force=force, option="path")
 
 
 _DEFAULTS = pipeline.FitConfig()

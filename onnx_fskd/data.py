@@ -95,7 +95,7 @@ def load_samples(path: str | Path, specs: list[InputSpec], num_samples: int | No
     path = Path(path)
     if not path.exists():
         raise FskdError(f"samples not found: {path}")
-    if path.is_dir() and any(path.glob("*.npz")):
+    if _is_npz_folder(path):
         samples = _load_npz_folder(path, specs)
     elif path.is_dir():
         samples = _load_image_folder(path, specs, images or ImageOptions())
@@ -146,6 +146,10 @@ def _pick_inputs(content: Mapping[str, np.ndarray], specs: list[InputSpec], sour
     return Samples(arrays, None if labels is None else np.asarray(labels))
 
 
+def _is_npz_folder(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("*.npz"))
+
+
 def _load_npz_folder(path: Path, specs: list[InputSpec]) -> Samples:
     """One .npz per batch, in name order, stacked (and padded where sequence lengths differ)."""
     return concatenate_batches(_load_npz_folder_batches(path, specs), specs, str(path))
@@ -185,7 +189,7 @@ def load_batches(path: str | Path, specs: list[InputSpec], num_samples: int | No
     """Like load_samples, but a folder of .npz files stays one Samples per file, each validated on its
     own, so batches of different sequence lengths can run as they are, unpadded (eval does)."""
     path = Path(path)
-    if not (path.is_dir() and any(path.glob("*.npz"))):
+    if not _is_npz_folder(path):
         return [load_samples(path, specs, num_samples, images)]
     batches = _first(_load_npz_folder_batches(path, specs), num_samples)
     log.info("read %d samples in %d batches from %s", sum(map(len, batches)), len(batches), path)

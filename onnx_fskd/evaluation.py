@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from .costs import InputShapes, count_costs
 from .data import InputSpec, Samples, input_specs
+from .data import _shape_text as known_shape_text
 from .errors import FskdError
 from .metrics import METRICS, accuracy, as_rows, choose_metric, compare, label_rows, padding_mask, relative_error
 from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
@@ -70,20 +71,21 @@ def evaluate(model: onnx.ModelProto, samples: Samples | list[Samples], reference
     session = make_session(model, providers)
     ref_session = make_session(reference, providers) if reference is not None else None
     fixed_batch = _fixed_batch(input_specs(model))
+    ref_fixed_batch = _fixed_batch(input_specs(reference)) if reference is not None else None
     ours: dict[str, list[np.ndarray]] = {name: [] for name in names}
     theirs: dict[str, list[np.ndarray]] = {name: [] for name in names}
     labels = []
     for batch in batches:
         values = run_batched(session, batch.arrays, names, batch_size, fixed_batch)
         expected = None if ref_session is None else run_batched(
-            ref_session, batch.arrays, names, batch_size, _fixed_batch(input_specs(reference)))
+            ref_session, batch.arrays, names, batch_size, ref_fixed_batch)
+        masks = {name: padding_mask(batch.arrays, values[name]) for name in names}
         for name in names:
-            mask = padding_mask(batch.arrays, values[name])
-            ours[name].append(as_rows(values[name], mask))
+            ours[name].append(as_rows(values[name], masks[name]))
             if expected is not None:
-                theirs[name].append(as_rows(expected[name], mask))
+                theirs[name].append(as_rows(expected[name], masks[name]))
         if labelled:
-            labels.append(label_rows(batch.labels, values[output], padding_mask(batch.arrays, values[output])))
+            labels.append(label_rows(batch.labels, values[output], masks[output]))
     selected = _stack(ours[output], output)
     comparison, per_output = None, {}
     if ref_session is not None:
@@ -184,4 +186,4 @@ def _describe(values: list[Signature]) -> str:
 
 
 def _shape_text(shape: tuple[int | None, ...] | None) -> str:
-    return "(?)" if shape is None else "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+    return "(?)" if shape is None else known_shape_text(shape)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .data import ATTENTION_MASK
+
 METRICS = ("auto", "top1", "cosine")
 # Ops whose output reads as class scores; a rank-2/3 float output from anything else (pooling, LayerNorm,
 # division by a norm) is taken for an embedding. Shape-only ops in between are looked through.
@@ -93,7 +95,7 @@ def choose_metric(model: onnx.ModelProto, output_name: str, requested: str = "au
 
 def padding_mask(feeds: dict[str, np.ndarray], output: np.ndarray) -> np.ndarray | None:
     """The attention_mask input (N, seq) as booleans, when there is one and a rank-3 output lines up with it."""
-    mask = feeds.get("attention_mask")
+    mask = feeds.get(ATTENTION_MASK)
     if mask is None or output.ndim != 3 or mask.shape != output.shape[:2]:
         return None
     return np.asarray(mask) != 0

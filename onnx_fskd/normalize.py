@@ -47,8 +47,7 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def normalise_for_merge(model: onnx.ModelProto) -> Normalised:
-    named = onnx.ModelProto()
-    named.CopyFrom(model)
+    named = _copy(model)
     renamed = _name_nodes(named)
     folded = _fold_constants(_copy(named)) if any(n.op_type in _FOLDABLE for n in named.graph.node) else _copy(named)
     return Normalised(named, folded, renamed)

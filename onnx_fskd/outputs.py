@@ -160,9 +160,11 @@ def protected_files(models: Iterable[str | os.PathLike | None],
     return protected + [Path(file) for file in filter(None, files)]
 
 
-def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, like: onnx.ModelProto | None = None) -> None:
-    """Write one model, overwriting ``out``, all or nothing: the one-call form of OutputSet."""
-    outputs = OutputSet(protected=[], force=True)
-    out = outputs.claim(out, "output")
+def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike, like: onnx.ModelProto | None = None,
+                      force: bool = True, option: str = "output") -> Path:
+    """Write one model, all or nothing (an existing ``out`` only with ``force``): the one-call form of OutputSet."""
+    outputs = OutputSet(protected=[], force=force)
+    out = outputs.claim(out, option)
     with outputs.commit_on_success():
         outputs.stage(out, lambda path: write_model(model, path, like))
+    return out
