@@ -106,7 +106,7 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
                        skipped=[{"node": n, "reason": r} for n, r in plan.skipped],
                        augmentation=augmentation.kind, samples_augmented=augmentation.added)
     providers = resolve_providers(config.provider)
-    pruned_student = plan.student
+    given_student = plan.student
     if config.reselect:
         plan = _reselect(plan, samples, rows, config, providers, report)
         clock.lap("reselect")
@@ -115,13 +115,10 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
     merged = _merged(plan, [(p, f.update) for p, f in fitted.fits])
     judged = _merged(plan, [(p, f.judged) for p, f in fitted.fits]) if len(held_index) else None
     clock.lap("merge")
-    _verify(plan.student, merged, judged, fitted, samples, rows, config, providers, report)
-    verify_rows = rows.held if judged is not None else rows.fit
-    if plan.student is not pruned_student:  # "before" is the student as given, not the re-selected one
-        report.before = _output_metrics(pruned_student, {k: v[verify_rows] for k, v in samples.arrays.items()},
-                                        fitted.teacher_outputs[verify_rows], config, providers)
+    _verify(plan.student, given_student, merged, judged, fitted, samples, rows, config, providers, report)
     clock.lap("verify")
     if config.polish_steps:
+        verify_rows = rows.held if judged is not None else rows.fit
         merged = _polish(merged, samples, rows, fitted.teacher_outputs, verify_rows, config, providers, report)
         clock.lap("polish")
     report.seconds = clock.laps
@@ -335,16 +332,18 @@ def _row_mask(point: CorrectionPoint, graph: GraphIndex, samples: Samples) -> np
     return mask.astype(np.int64, copy=False) if seq in (None, mask.shape[1]) else None
 
 
-def _verify(student: onnx.ModelProto, merged: onnx.ModelProto, judged: onnx.ModelProto | None, fitted: _Fitted,
-            samples: Samples, rows: Rows, config: FitConfig, providers: list[str], report: FitReport) -> None:
-    """Check the written model (checker, exactness against explicit Q nodes, consistency with the fit's own
-    activations) and measure outputs against the teacher on the held-out samples: the student and ``judged``
+def _verify(student: onnx.ModelProto, given_student: onnx.ModelProto, merged: onnx.ModelProto,
+            judged: onnx.ModelProto | None, fitted: _Fitted, samples: Samples, rows: Rows, config: FitConfig,
+            providers: list[str], report: FitReport) -> None:
+    """Check the written model (checker, exactness against explicit Q nodes of ``student``, the student the
+    point loop fitted; consistency with the fit's own activations) and measure outputs against the teacher
+    on the held-out samples: ``given_student`` (as given, before any channel re-selection) and ``judged``
     (the guard's candidates, fitted without them), and the written model, whose kept corrections were
     refitted on those samples too (in-sample, labelled so). Without held-out samples, all on the fit samples."""
     check_model(merged)
     fixed_batch = input_specs(student)[0].batch_dim
     out_name = student.graph.output[0].name
-    student_session, merged_session = (make_session(m, providers, exact=True) for m in (student, merged))
+    student_session, merged_session = (make_session(m, providers, exact=True) for m in (given_student, merged))
     report.exactness = exactness(merged_session, _explicit_reference(student, fitted.fits),
                                  {k: v[:config.verify_samples] for k, v in samples.arrays.items()},
                                  providers, config.batch_size, fixed_batch)
