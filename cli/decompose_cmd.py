@@ -9,7 +9,6 @@ import click
 from onnx_fskd.compress import decompose_model
 from onnx_fskd.compress.decompose import check_decompose_options
 from onnx_fskd.model_io import load_model, write_model
-from onnx_fskd.normalize import folded_node_count
 from onnx_fskd.outputs import OutputSet, protected_files
 from onnx_fskd.provenance import stamp_producer
 
@@ -48,9 +47,8 @@ def decompose_command(model_path: Path, rank_ratio: float | None, output_path: P
     outputs.claim(output_path, "-o")
     model = load_model(model_path)
     check_input_shapes(model, shapes)
-    folded = folded_node_count(model)
     result = decompose_model(model, rank_ratio=rank_ratio, method=method, energy=energy, keep_ends=keep_ends,
                              input_shapes=shapes)
     with outputs.commit_on_success():
         outputs.stage(output_path, lambda path: write_model(stamp_producer(result.model), path, like=model))
-    print_summary(model, result, "decomposition", "rank", output_path, folded, shapes)
+    print_summary(model, result, "decomposition", "rank", output_path, result.folded_nodes, shapes)

@@ -13,7 +13,6 @@ from onnx_fskd.compress.prune import check_prune_options
 from onnx_fskd.compress.summary import summarize
 from onnx_fskd.data import input_specs, load_samples
 from onnx_fskd.model_io import load_model, write_model
-from onnx_fskd.normalize import folded_node_count
 from onnx_fskd.outputs import OutputSet, protected_files
 from onnx_fskd.pairing import read_map
 from onnx_fskd.pipeline import reselect_student
@@ -62,7 +61,6 @@ def prune_command(model_path: Path, ratio: float, head_ratio: float | None, outp
     model = load_model(model_path)
     check_input_shapes(model, shapes)
     samples = load_samples(data_path, input_specs(model), num_samples) if data_path else None
-    folded = folded_node_count(model)
     result = prune_model(model, ratio, criterion=criterion, global_=global_, exclude=exclude, round_to=round_to,
                          prune_residual=prune_residual, seed=seed, head_ratio=head_ratio)
     reselection = None
@@ -71,7 +69,7 @@ def prune_command(model_path: Path, ratio: float, head_ratio: float | None, outp
         result = replace(result, model=reselection.student, entries=read_map(None, reselection.student)[0])
     with outputs.commit_on_success():
         outputs.stage(output_path, lambda path: write_model(stamp_producer(result.model), path, like=model))
-    print_summary(model, result, "pruning", "channels in→out", output_path, folded, shapes)
+    print_summary(model, result, "pruning", "channels in→out", output_path, result.folded_nodes, shapes)
     if reselection is not None:
         console = human_console()
         for group in reselection.groups:

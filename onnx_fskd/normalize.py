@@ -53,14 +53,6 @@ def normalise_for_merge(model: onnx.ModelProto) -> Normalised:
     return Normalised(named, folded, renamed)
 
 
-def folded_node_count(model: onnx.ModelProto) -> int:
-    """How many nodes folding constant sub-graphs removes: what a command that rebuilds the graph from
-    the folded copy (prune, decompose) drops from the model it was given."""
-    if not any(n.op_type in _FOLDABLE for n in model.graph.node):
-        return 0
-    return len(model.graph.node) - len(normalise(model).graph.node)
-
-
 def _name_nodes(model: onnx.ModelProto) -> dict[int, str | None]:
     """Name unnamed nodes: the analysis finds nodes by name (onnxruntime already refuses repeated names)."""
     used = {node.name for node in model.graph.node if node.name}

@@ -103,7 +103,7 @@ def decompose_model(model: onnx.ModelProto, rank_ratio: float | None = None, met
     student = _rewrite(teacher, graph, replaced)
     entries = _map_entries(graph, student)
     write_map(student, entries)
-    return CompressResult(student, entries, notes, changes)
+    return CompressResult(student, entries, notes, changes, len(model.graph.node) - len(teacher.graph.node))
 
 
 # Ops between a graph input or output and the first or last layer that change no learned computation.

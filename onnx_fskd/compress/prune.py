@@ -68,7 +68,8 @@ def prune_model(model: onnx.ModelProto, ratio: float, criterion: str = "l1", glo
     _validate(student)
     entries = _map_entries(graph, student, removals)
     write_map(student, entries)
-    return CompressResult(student, entries, notes, _layer_changes(graph, GraphIndex(student)))
+    return CompressResult(student, entries, notes, _layer_changes(graph, GraphIndex(student)),
+                          len(model.graph.node) - len(teacher.graph.node))
 
 
 def _counts(groups: list[Group], scores: list[np.ndarray], ratio: float, head_ratio: float, global_: bool,

@@ -23,13 +23,15 @@ class LayerChange:
 
 @dataclass
 class CompressResult:
-    """The compressed student (map already in its metadata), the map itself, and notes on every layer
-    that was skipped or refused, with the reason."""
+    """The compressed student (map already in its metadata), the map itself, notes on every layer that
+    was skipped or refused, with the reason, and how many nodes folding constant sub-graphs removed (the
+    student is rebuilt from the folded copy)."""
 
     model: onnx.ModelProto
     entries: list[MapEntry]
     notes: list[str]
     layers: list[LayerChange] = field(default_factory=list)
+    folded_nodes: int = 0
 
 
 def write_map(model: onnx.ModelProto, entries: list[MapEntry]) -> None:
