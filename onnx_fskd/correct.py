@@ -18,6 +18,7 @@ from .features import full_refit_blocker, point_features
 from .fuse import WeightUpdate, adapter_update, bias_slot, chain_scale, mergeable
 from .graph import GraphIndex
 from .pairing import PointPair
+from .points import CorrectionPoint
 from .report import PointReport
 from .solve import Adapter, solve_adapter, solve_weights
 from .stats import GramStats, as_planes, as_rows
@@ -113,43 +114,74 @@ def adapter_from_stats(pair: PointPair, graph: GraphIndex, stats: tuple[GramStat
     return PointFit(adapter_update(s, graph, final), final, None, report, adapter_update(s, graph, candidate))
 
 
+@dataclass(frozen=True)
+class FullForm:
+    """The full solver's view of a point: y = [x 1]·``current`` per row (x: input patches, or the input
+    row of a Gemm/MatMul), through the chain's per-channel scale ``scale_after`` and offset ``offset``."""
+
+    current: np.ndarray       # (F+1, C): [(a·W)ᵀ; (a·t + c)ᵀ]
+    weight_shape: tuple[int, ...]
+    scale_after: np.ndarray
+    offset: np.ndarray
+    fits_bias: bool
+
+    @property
+    def linear_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """(A, b) with y = A·x + b."""
+        return self.current[:-1].T, self.current[-1]
+
+    def update(self, solution: np.ndarray) -> WeightUpdate:
+        return WeightUpdate((solution[:-1] / self.scale_after[None, :]).T.reshape(self.weight_shape),
+                            (solution[-1] - self.offset) / self.scale_after if self.fits_bias else None)
+
+
+def full_form(point: CorrectionPoint, graph: GraphIndex) -> FullForm | None:
+    """The point in the full solver's form, or None where that form does not hold (Q takes it)."""
+    slot = bias_slot(point, graph)
+    scale_after = slot.scale_after if slot else chain_scale(point)
+    if full_refit_blocker(point, graph) is not None or not np.allclose(chain_scale(point), scale_after) \
+            or np.any(np.abs(scale_after) < 1e-12 * np.abs(scale_after).max()):
+        return None
+    offset = slot.shift_after if slot else np.zeros(point.channels)
+    node = graph.node_by_name[point.name]
+    weight = point.op.to_output_major(node, graph.constant(point.weight).astype(np.float64))
+    current = np.vstack([(weight.reshape(point.channels, -1) * scale_after[:, None]).T,
+                         (scale_after * (slot.shift if slot else 0.0) + offset)[None, :]])
+    return FullForm(current, weight.shape, scale_after, offset, slot is not None)
+
+
+def weights_from_stats(pair: PointPair, form: FullForm, stats: tuple[GramStats, GramStats], settings: FitSettings,
+                       target_kind: str, how: str) -> tuple[PointFit, np.ndarray | None]:
+    """Refit W', t' from the fit rows' sums of [x 1] against the target, keep it if the held-out sums say
+    it helps, then refit on all; also the kept solution in ``current``'s layout. No ``correct``: the
+    caller folds the update into the next segment."""
+    candidate = solve_weights(stats[0], form.current, settings.ridge, form.fits_bias)
+    before, after, kept = _guard(*stats, form.current, candidate)
+    report = _report(pair, stats[0].rows + stats[1].rows, target_kind, how, "full", before, after, kept)
+    if not kept:
+        return PointFit(None, None, None, report), None
+    final = solve_weights(stats[0] + stats[1], form.current, settings.ridge, form.fits_bias)
+    return PointFit(form.update(final), None, None, report, form.update(candidate)), final
+
+
 def fit_weights(pair: PointPair, graph: GraphIndex, x: np.ndarray, y: np.ndarray, target: np.ndarray,
                 rows: Rows, settings: FitSettings, target_kind: str, how: str) -> PointFit:
-    """Full-weight refit of the op: y ≈ a·(W'·x + t') + c through the chain's per-channel scale a and
-    offset c; falls back to the Q solver where that form does not hold."""
+    """Full-weight refit of the op from its input on the host: y ≈ a·(W'·x + t') + c through the chain's
+    per-channel scale a and offset c; falls back to the Q solver where that form does not hold."""
     s = pair.student
-    slot = bias_slot(s, graph)
-    scale_after = slot.scale_after if slot else chain_scale(s)
-    blocker = full_refit_blocker(s, graph)
-    if blocker is None and not np.allclose(chain_scale(s), scale_after):
-        blocker = "a scale before the bias"
-    if blocker is None and np.any(np.abs(scale_after) < 1e-12 * np.abs(scale_after).max()):
-        blocker = "channels scaled to zero"
-    if blocker is not None:
+    form = full_form(s, graph)
+    if form is None:
         return fit_adapter(pair, graph, y, target, rows, settings, target_kind, how)
     axis = s.channel_axis
-    offset = slot.shift_after if slot else np.zeros(s.channels)
-    node = graph.node_by_name[s.name]
-    weight = s.op.to_output_major(node, graph.constant(s.weight).astype(np.float64))
-    features = int(np.prod(weight.shape[1:]))
-    # P = [(a·W)ᵀ; (a·t + c)ᵀ] predicts y = [x 1]·P directly, so the target is the teacher's as is.
-    current = np.vstack([(weight.reshape(s.channels, -1) * scale_after[:, None]).T,
-                         (scale_after * (slot.shift if slot else 0.0) + offset)[None, :]])
+    features = form.current.shape[0] - 1
     rows_per_sample = int(np.prod(y.shape)) // (len(y) * s.channels)
     chunk = max(1, min(settings.batch_size, _FEATURE_BYTES // (8 * rows_per_sample * (features + 1))))
     stats = tuple(GramStats.empty(features, s.channels) for _ in range(2))
     _accumulate(stats, rows, chunk,
                 lambda i: (point_features(s, graph, x[i]), as_rows(target[i], axis)))
-    candidate = solve_weights(stats[0], current, settings.ridge, slot is not None)
-    before, after, kept = _guard(*stats, current, candidate)
-    report = _report(pair, stats[0].rows + stats[1].rows, target_kind, how, "full", before, after, kept)
-    if not kept:
-        return PointFit(None, None, None, report)
-    final = solve_weights(stats[0] + stats[1], current, settings.ridge, slot is not None)
-
-    def update_from(solution: np.ndarray) -> WeightUpdate:
-        return WeightUpdate((solution[:-1] / scale_after[None, :]).T.reshape(weight.shape),
-                            (solution[-1] - offset) / scale_after if slot else None)
+    point_fit, final = weights_from_stats(pair, form, stats, settings, target_kind, how)
+    if final is None:
+        return point_fit
 
     def correct(allocate: Allocate) -> np.ndarray:
         corrected = allocate(y.shape, y.dtype)
@@ -161,4 +193,5 @@ def fit_weights(pair: PointPair, graph: GraphIndex, x: np.ndarray, y: np.ndarray
             moved[window] = predicted.reshape(moved[window].shape)
         return corrected
 
-    return PointFit(update_from(final), None, correct, report, update_from(candidate))
+    point_fit.correct = correct
+    return point_fit

@@ -18,7 +18,8 @@ from .compress import CompressResult, decompose_model, prune_model
 from .augment import AUGMENTATIONS, augment_fit_rows
 from .compress.prune import check_prune_options
 from .compress.result import write_map
-from .correct import FitSettings, PointFit, Rows, adapter_from_stats, fit_adapter, fit_weights
+from .correct import (FitSettings, PointFit, Rows, adapter_from_stats, fit_adapter, fit_weights, full_form,
+                      weights_from_stats)
 from .fuse import ModelWriter, WeightUpdate, unwritable_reason, write_update
 from .graph import GraphIndex
 from .metrics import choose_metric, compare, padding_mask, relative_error
@@ -28,6 +29,7 @@ from .points import CorrectionPoint, find_points
 from .probes import ProbeFeeds, StatsProbe, probe_blocker
 from .report import HELD_OUT, IN_SAMPLE, FitReport, OutputMetrics
 from .reselect import Reselection, reselect_channels, updated_map
+from .sampling import POSITIONS, position_stride
 from .solver_policy import SOLVERS, choose_solver
 from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
 from .segments import SegmentRunner
@@ -57,6 +59,7 @@ class FitConfig:
     augment: str = "auto"             # auto | none | flip | flip+shift (auto: flip for image inputs)
     polish_steps: int = 0             # gradient steps of unlabeled distillation after the closed form
     polish_lr: float = 1e-4
+    stats_positions: str = "auto"     # auto | all: conv statistics on a grid of output positions (sampling.py)
 
 
 @dataclass
@@ -257,22 +260,30 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
         kind = "sum" if use_sum else "plain"
         prefetch = _teacher_prefetch(pairs[index + 1:], t_run, plan.t_graph, len(samples), config.residual_target == "sum")
         known = _known_kept(pair, mapper)
-        if solver == "q" and known is not None and s.name not in s_run.done \
-                and probe_blocker(s, plan.s_graph) is None:
+        form = full_form(s, plan.s_graph) if solver == "full" else None
+        if known is not None and s.name not in s_run.done and probe_blocker(s, plan.s_graph) is None \
+                and (solver == "q" or form is not None):
             # In-graph statistics: only the point's input and the teacher's tensors are cached; the
-            # point's output is computed inside the probe, and later with its Q folded into the weights.
+            # point's output is computed inside the probe, and later with its update folded into the weights.
             kept, how = known
             pair = PointPair(t, s, pair.source, kept)
             mapper.record(pair)
             s_out = s_run.compute([s.input] + ([s.residual_skip] if use_sum else []))
             t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []), prefetch=prefetch)
             mask = _row_mask(s, plan.s_graph, samples)
-            probe = StatsProbe(s, plan.s_graph, kept, t.channels, providers, use_sum, use_sum, mask is not None)
+            features = s.group_size if form is None else form.current.shape[0] - 1
+            stride = position_stride(config.stats_positions, s, plan.s_graph, features, rows.fit.stop - rows.fit.start)
+            probe = StatsProbe(s, plan.s_graph, kept, t.channels, providers, use_sum, use_sum, mask is not None,
+                               stride, form.linear_map if form is not None else None)
             feeds = ProbeFeeds(s_out[s.input], t_out[t.output], t_out[t.residual_skip] if use_sum else None,
                                s_out[s.residual_skip] if use_sum else None, mask)
             stats = probe.accumulate(feeds, [rows.fit, rows.held], config.batch_size)
-            point_fit = adapter_from_stats(pair, plan.s_graph, (stats[0], stats[1]), settings, kind, how)
+            if form is None:
+                point_fit = adapter_from_stats(pair, plan.s_graph, (stats[0], stats[1]), settings, kind, how)
+            else:
+                point_fit = weights_from_stats(pair, form, (stats[0], stats[1]), settings, kind, how)[0]
             point_fit.report.statistics = "runtime"
+            point_fit.report.position_stride = stride
             report.points.append(point_fit.report)
             if point_fit.update is not None:
                 fits.append((s, point_fit))
@@ -535,6 +546,8 @@ def _check_config(config: FitConfig) -> None:
         raise FskdError(f"--ridge must be a finite number >= 0, got {config.ridge}")
     if config.batch_size <= 0:
         raise FskdError(f"--batch-size must be positive, got {config.batch_size}")
+    if config.stats_positions not in POSITIONS:
+        raise FskdError(f"--stats-positions must be one of {', '.join(POSITIONS)}, got {config.stats_positions}")
     if config.augment not in AUGMENTATIONS:
         raise FskdError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {config.augment}")
     if config.polish_steps < 0 or config.polish_lr <= 0:

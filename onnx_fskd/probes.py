@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from .graph import GraphIndex
 from .points import CorrectionPoint
 from .runtime import make_session
+from .solver_policy import patch_features
 from .stats import GramStats
 
 _X, _T, _T_SKIP, _S_SKIP, _MASK = "fskd/x", "fskd/t", "fskd/t_skip", "fskd/s_skip", "fskd/mask"
@@ -95,15 +96,21 @@ def input_map(point: CorrectionPoint, graph: GraphIndex) -> tuple[np.ndarray, np
 
 
 class StatsProbe:
-    """The statistics graph of one point and its ORT session."""
+    """The statistics graph of one point and its ORT session.
+
+    With ``full`` = (A, b), y = A·x + b per row for the full solver (correct.FullForm.linear_map), the
+    sums are those of [x 1] against the target, x the op's input patches (a Conv) or input rows (a Gemm
+    or MatMul); otherwise those of [y 1], y the op's output."""
 
     def __init__(self, point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_channels: int,
                  providers: list[str], teacher_skip: bool = False, student_skip: bool = False,
-                 masked: bool = False):
+                 masked: bool = False, stride: int = 1, full: tuple[np.ndarray, np.ndarray] | None = None):
         self.point = point
-        self.via_input = input_map(point, graph)
-        self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked,
-                            self.via_input is not None)
+        self.full = full
+        self.via_input = None if full is not None else input_map(point, graph)
+        self.order = patch_order(point, graph) if full is not None and point.op_type == "Conv" else None
+        source = "patches" if full is not None else "input" if self.via_input is not None else "output"
+        self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked, source, stride)
         self.session = make_session(self.model, providers, exact=True)
 
     def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int) -> list[GramStats]:
@@ -115,7 +122,8 @@ class StatsProbe:
                 for start in range(part.start, part.stop, batch_size):
                     window = slice(start, min(start + batch_size, part.stop))
                     sums.add(dict(zip(_OUTPUTS, self.session.run(list(_OUTPUTS), feeds.window(window)))))
-                results.append(sums.gram_stats(self.point, self.via_input))
+                results.append(sums.patch_stats(*self.full, self.order) if self.full is not None
+                               else sums.gram_stats(self.point, self.via_input))
         return results
 
 
@@ -164,6 +172,28 @@ class _Sums:
         return GramStats(zz, zt, tt, int(round(n)))
 
 
+    def patch_stats(self, a: np.ndarray, b: np.ndarray, order: np.ndarray | None = None) -> GramStats:
+        """[X 1]ᵀ[X 1], [X 1]ᵀT and ΣT² with T = D + Y and y = A·x + b; ``order``: where each of A's
+        features lies among the probe's x (patch_order)."""
+        channels, features = a.shape
+        if not self.n:
+            return GramStats.empty(features, channels)
+        n, xx, xd, x, d = self.n, self.xx[0], self.xd[0], self.x[0], self.d[0]
+        if order is not None:
+            xx, xd, x = xx[np.ix_(order, order)], xd[order], x[order]
+        ax = a @ x
+        zz = np.empty((1, features + 1, features + 1))
+        zz[0, :features, :features] = xx
+        zz[0, :features, features] = zz[0, features, :features] = x
+        zz[0, features, features] = n
+        zt = np.empty((1, features + 1, channels))
+        zt[0, :features] = xd + xx @ a.T + np.outer(x, b)
+        zt[0, features] = d + ax + n * b
+        yd = float(np.einsum("ij,ji->", a, xd)) + float(b @ d)
+        yy = float(np.einsum("ij,jk,ik->", a, xx, a)) + 2.0 * float(b @ ax) + n * float(b @ b)
+        return GramStats(zz, zt, self.dd + 2.0 * yd + yy, int(round(n)))
+
+
 def _shifted_products(s: np.ndarray, sums_a: np.ndarray, gram: np.ndarray, u: np.ndarray, sums_b: np.ndarray,
                       n: float) -> np.ndarray:
     """Σ a·bᵀ per block from the shifted sums: Σ(a−s)(b−u)ᵀ + s·Σ(b−u)ᵀ + Σ(a−s)·uᵀ + n·s·uᵀ."""
@@ -176,7 +206,11 @@ def _point_nodes(point: CorrectionPoint, graph: GraphIndex) -> list[onnx.NodePro
 
 
 def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_channels: int,
-           teacher_skip: bool, student_skip: bool, masked: bool, via_input: bool) -> onnx.ModelProto:
+           teacher_skip: bool, student_skip: bool, masked: bool, source: str = "output", stride: int = 1) -> onnx.ModelProto:
+    """``source``: what x is — the op's "output", its "input" (a widening op, rebuilt on the host), or
+    its input "patches" (the full solver). ``stride`` s > 1 (a conv point, sampling.py): the sums read
+    output positions (s·i, s·j) only; the convs run with s times their strides and every output-sized
+    input is sliced with step s."""
     opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 13)
     g = _Builder(opset)
     # The statistics-only copy of op + chain, reading the probe's input.
@@ -193,22 +227,30 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
                 constants.add(name)
         renamed[node.output[0]] = copy.output[0] = f"fskd/y{index}"
         del copy.output[1:]
+        if index == 0 and stride > 1:
+            _scale_strides(copy, stride)
         g.nodes.append(copy)
     y = renamed[point.output]
+    sampled = (lambda name: g.sampled(name, stride)) if stride > 1 else (lambda name: name)
     g.initializers.extend(graph.model.graph.initializer[i] for i in _initializer_positions(graph, constants))
     axis = point.channel_axis
-    target = g.op("Add", _T, _T_SKIP) if teacher_skip else _T
+    target = g.op("Add", sampled(_T), sampled(_T_SKIP)) if teacher_skip else sampled(_T)
     if len(kept) != teacher_channels or not np.array_equal(kept, np.arange(teacher_channels)):
         target = g.op("Gather", target, g.const("kept", np.asarray(kept, np.int64)), axis=axis)
     if student_skip:
-        target = g.op("Sub", target, _S_SKIP)
+        target = g.op("Sub", target, sampled(_S_SKIP))
     d = g.op("Sub", target, y)
     blocks, k = point.groups, point.group_size
-    positions = _positions(graph.shapes.get(point.output), axis)
+    positions = _positions(graph.shapes.get(point.output), axis, stride)
     dp = g.planes(d, axis, blocks, k, point.channels)
-    if via_input:  # the input's sums: y = A·x + b is rebuilt on the host
-        in_channels = graph.shapes[point.weight][1] if point.op_type == "Conv" else graph.shapes[point.weight][0]
-        xp = g.planes(_X, 1 if point.op_type == "Conv" else -1, 1, in_channels, in_channels)  # the op's own input layout
+    in_channels = graph.shapes[point.weight][1] if point.op_type == "Conv" else graph.shapes[point.weight][0]
+    if source == "patches" and point.op_type == "Conv":
+        features = int(np.prod(graph.shapes[point.weight][1:]))
+        xp = g.planes(_patches(g, point, graph, stride), 1, 1, features, features)
+    elif source in ("input", "patches"):  # the input's sums: y = A·x + b is rebuilt on the host
+        if source == "patches":  # a Gemm or MatMul: its input rows, as wide as its output-major weight's rows
+            in_channels = patch_features(point, graph)
+        xp = g.planes(sampled(_X), 1 if point.op_type == "Conv" else -1, 1, in_channels, in_channels)  # the op's own input layout
     else:
         xp = g.planes(y, axis, blocks, k, point.channels)
     weight = None
@@ -222,10 +264,10 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     g.output(g.reduce("ReduceSum", xc, [3], 0), "Sx")
     g.output(g.reduce("ReduceSum", dc, [3], 0), "Sd")
     g.output(g.reduce("ReduceSumSquare", dc, [3], 0), "Qd")
-    if k == 1 and not via_input:  # depthwise: one scalar regression per channel
+    if k == 1 and source == "output":  # depthwise: one scalar regression per channel
         g.output(g.reduce("ReduceSum", g.op("Mul", xc, xc), [0, 3], 0), "Gxx")
         g.output(g.reduce("ReduceSum", g.op("Mul", xc, dc), [0, 3], 0), "Gxd")
-    elif positions is not None and positions >= _PER_SAMPLE_POSITIONS:
+    elif positions is not None and positions >= _PER_SAMPLE_POSITIONS and source != "patches":
         # Many positions per sample: one (k×L)·(L×k) product per sample, summed (no relayout).
         for other, name in ((xc, "Gxx"), (dc, "Gxd")):
             g.output(g.reduce("ReduceSum", g.op("MatMul", xc, g.op("Transpose", other, perm=[0, 1, 3, 2])), [0], 0), name)
@@ -246,11 +288,89 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     return helper.make_model(graph_proto, ir_version=graph.model.ir_version, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def _positions(shape: tuple | None, axis: int) -> int | None:
-    """Rows per sample of a point's output, when shape inference knows them."""
+def _positions(shape: tuple | None, axis: int, stride: int = 1) -> int | None:
+    """Rows per sample of a point's statistics (every ``stride``-th row and column of a conv's output
+    map), when shape inference knows them."""
     if shape is None or any(d is None for d in shape[1:]):
         return None
-    return int(np.prod([d for i, d in enumerate(shape) if i not in (0, axis % len(shape))]))
+    return int(np.prod([-(-d // stride) if i >= 2 else d for i, d in enumerate(shape) if i not in (0, axis % len(shape))]))
+
+
+def patch_order(point: CorrectionPoint, graph: GraphIndex) -> np.ndarray | None:
+    """Where each of the weight's features (c, i, j) lies among a probe's patch features, or None when
+    they come in the weight's order. Patches cut by slicing come offset by offset: (i, j, c)."""
+    if not _sliceable(point, graph):
+        return None
+    _, channels, kh, kw = graph.shapes[point.weight]
+    c, i, j = np.meshgrid(np.arange(channels), np.arange(kh), np.arange(kw), indexing="ij")
+    return ((i * kw + j) * channels + c).reshape(-1)
+
+
+def _conv_output_size(point: CorrectionPoint, graph: GraphIndex) -> tuple[int, int] | None:
+    """(H', W') of the point's conv itself (the point's output may lie behind a Transpose), if known."""
+    shape = graph.shapes.get(graph.node_by_name[point.name].output[0])
+    if shape is None or len(shape) != 4 or shape[2] is None or shape[3] is None:
+        return None
+    return int(shape[2]), int(shape[3])
+
+
+def _sliceable(point: CorrectionPoint, graph: GraphIndex) -> bool:
+    return _conv_output_size(point, graph) is not None
+
+
+def _patches(g: "_Builder", point: CorrectionPoint, graph: GraphIndex, stride: int) -> str:
+    """(N, F, H', W') im2col patches of the point's conv at the sampled positions. With a known output
+    size, one strided slice of the padded input per kernel offset, concatenated (features (i, j, c),
+    patch_order); else a conv with one-hot kernels, in the weight's order but at F² multiply-adds per
+    position."""
+    node = graph.node_by_name[point.name]
+    attributes = _conv_attributes(node, stride)
+    weight_shape = graph.shapes[point.weight]
+    if not _sliceable(point, graph):
+        return g.op("Conv", _X, g.const("one_hot", _one_hot_kernels(weight_shape)), **attributes)
+    _, _, kh, kw = weight_shape
+    sh, sw = attributes["strides"]
+    dh, dw = attributes.get("dilations", [1, 1])
+    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
+    padded = _X
+    if any((top, left, bottom, right)):
+        padded = g.op("Pad", _X, g.const(f"pads{len(g.initializers)}", np.array([0, 0, top, left, 0, 0, bottom, right])))
+    out_h, out_w = _conv_output_size(point, graph)
+    count_h, count_w = -(-out_h // stride), -(-out_w // stride)
+    pieces = []
+    for i in range(kh):
+        for j in range(kw):
+            starts = np.array([i * dh, j * dw])
+            ends = starts + np.array([(count_h - 1) * sh + 1, (count_w - 1) * sw + 1])
+            pieces.append(g.op("Slice", padded, g.const(f"starts{len(g.initializers)}", starts),
+                               g.const(f"ends{len(g.initializers)}", ends),
+                               g.const(f"axes{len(g.initializers)}", np.array([2, 3])),
+                               g.const(f"steps{len(g.initializers)}", np.array([sh, sw]))))
+    return g.op("Concat", *pieces, axis=1) if len(pieces) > 1 else pieces[0]
+
+
+def _one_hot_kernels(weight_shape: tuple[int, ...]) -> np.ndarray:
+    """(F, C_in, kh, kw) with F = C_in·kh·kw: output channel f copies input channel c at kernel offset
+    (i, j), f = (c, i, j) flattened as the weight is, so a conv with them gives the im2col patches in
+    the order of the weight's rows."""
+    _, in_channels, kh, kw = weight_shape
+    features = in_channels * kh * kw
+    return np.eye(features, dtype=np.float32).reshape(features, in_channels, kh, kw)
+
+
+def _conv_attributes(conv: onnx.NodeProto, stride: int) -> dict:
+    """The conv's pads, dilations and strides (times ``stride``), for a conv with other kernels."""
+    attributes = {a.name: list(a.ints) for a in conv.attribute if a.name in ("pads", "dilations", "strides")}
+    attributes["strides"] = [v * stride for v in attributes.get("strides", [1, 1])]
+    return attributes
+
+
+def _scale_strides(conv: onnx.NodeProto, stride: int) -> None:
+    """The conv computes output positions (s·i, s·j) only: its strides times s, pads unchanged."""
+    strides = next((list(a.ints) for a in conv.attribute if a.name == "strides"), [1, 1])
+    kept = [a for a in conv.attribute if a.name != "strides"]
+    del conv.attribute[:]
+    conv.attribute.extend(kept + [helper.make_attribute("strides", [v * stride for v in strides])])
 
 
 def _initializer_positions(graph: GraphIndex, names: set[str]) -> list[int]:
@@ -291,6 +411,14 @@ class _Builder:
             rows = self.op("Reshape", tensor, self.const(f"rows{len(self.initializers)}", np.array([0, -1, channels])))
             tensor = self.op("Transpose", rows, perm=[0, 2, 1])
         return self.op("Reshape", tensor, self.const(f"planes{len(self.initializers)}", np.array([0, blocks, k, -1])))
+
+    def sampled(self, tensor: str, stride: int) -> str:
+        """Every ``stride``-th row and column of an (N, C, H, W) tensor."""
+        end = np.iinfo(np.int64).max
+        return self.op("Slice", tensor, self.const(f"starts{len(self.initializers)}", np.array([0, 0])),
+                       self.const(f"ends{len(self.initializers)}", np.array([end, end])),
+                       self.const(f"axes{len(self.initializers)}", np.array([2, 3])),
+                       self.const(f"steps{len(self.initializers)}", np.array([stride, stride])))
 
     def rows(self, planes: str) -> str:
         """(N, B, k, L) → (B, k, N·L)."""

@@ -28,6 +28,7 @@ class PointReport:
     error_after: float     # held-out samples, of the candidate fitted without them (see FitReport.measured_on)
     status: str            # "kept" or "rejected" (the guard found no held-out gain)
     statistics: str = "host"  # where the sums were computed: "runtime" (in-graph, ORT) or "host" (NumPy)
+    position_stride: int = 1  # the sums read every n-th row and column of a conv's output (sampling.py)
 
 
 @dataclass

@@ -1,0 +1,44 @@
+"""Which output positions a point's statistics read: every s-th row and column of a conv's output map.
+
+A 56×56 map gives 3136 least-squares rows per sample, and neighbouring positions are strongly
+correlated, while a fit with F features needs a few dozen rows per feature, not thousands. Reading
+every s-th row and column cuts the statistics work s²-fold (the statistics-only copy of the conv runs
+with s times its strides and the teacher's tensors are sliced with step s), as long as each sample
+still gives a grid of at least ``MIN_GRID`` positions and the fit samples at least
+``ROWS_PER_FEATURE`` rows per feature. Everything else (the segments, the written model, the
+verification) runs on every position. BENCHMARKS.md, "Fit cost", measures speed and accuracy of both."""
+
+from __future__ import annotations
+
+import math
+
+from .graph import GraphIndex
+from .ops.base import attribute
+from .points import CorrectionPoint
+
+POSITIONS = ("auto", "all")
+MAX_STRIDE = 4
+MIN_GRID = 196            # a 14×14 grid per sample at least
+ROWS_PER_FEATURE = 64     # over the fit samples, per feature of the solve
+
+
+def position_stride(option: str, point: CorrectionPoint, graph: GraphIndex, features: int, fit_samples: int) -> int:
+    """s ≥ 1: the point's statistics read output positions (s·i, s·j). 1 under ``--stats-positions all``
+    and for anything but a 2-D channels-first conv with explicit padding and known output size."""
+    if option == "all" or point.op_type != "Conv" or point.rank != 4 or point.channel_axis != 1:
+        return 1
+    if next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 1) < 10:
+        return 1  # Slice takes steps from opset 10
+    if attribute(graph.node_by_name[point.name], "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        return 1
+    shape = graph.shapes.get(point.output)
+    if shape is None or len(shape) != 4 or shape[2] is None or shape[3] is None:
+        return 1
+    height, width = int(shape[2]), int(shape[3])
+    stride = 1
+    for candidate in range(2, MAX_STRIDE + 1):
+        grid = math.ceil(height / candidate) * math.ceil(width / candidate)
+        if grid < MIN_GRID or fit_samples * grid < ROWS_PER_FEATURE * (features + 1):
+            break
+        stride = candidate
+    return stride
