@@ -1,6 +1,11 @@
 """Fit wall time against one teacher forward + one student forward over the same samples.
 
     python bench/fit_cost.py [--net resnet18|mobilenet] [--samples 256] [--batch 32] [--solver q|auto|full]
+                             [--augment auto|none] [--stats-positions auto|all]
+
+The floor is one teacher and one student forward over the samples given. ``--augment auto`` (the fit's
+default) adds a flipped copy of every fit sample, so the fit processes 1.8× those samples: compare
+``--augment none`` for the cost of the fit's machinery per sample.
 
 Both timings run in this process on the same machine, after a warm-up. Prints a Markdown row and the
 fit's profile: runtime (the segment runs of both nets: session set-up and ORT), statistics (in-graph
@@ -81,7 +86,9 @@ def main() -> None:
     parser.add_argument("--provider", default="auto")
     parser.add_argument("--mode", default="sequential")
     parser.add_argument("--points", default="auto")
-    parser.add_argument("--solver", default="q", help="q: statistics in the runtime; auto/full: full points sum on the host")
+    parser.add_argument("--solver", default="q", help="q, full or auto (the fit's default)")
+    parser.add_argument("--augment", default="auto", help="auto (the fit's default: flips for images) or none")
+    parser.add_argument("--stats-positions", default="auto", help="auto (a grid of conv output positions) or all")
     args = parser.parse_args()
     teacher = {"resnet18": resnet18, "mobilenet": mobilenet_v2ish}[args.net]()
     student = perturbed(teacher)
@@ -93,13 +100,16 @@ def main() -> None:
     before = passes()
     profile = profiled()
     start = time.perf_counter()
-    result = fit(teacher, student, Samples(feeds), FitConfig(batch_size=args.batch, provider=args.provider, mode=args.mode, points=args.points,
-                                                          solver=args.solver))
+    options = dict(batch_size=args.batch, provider=args.provider, mode=args.mode, points=args.points,
+                   solver=args.solver, augment=args.augment)
+    if args.stats_positions != "auto":  # older versions (measured for comparison) have no such option
+        options["stats_positions"] = args.stats_positions
+    result = fit(teacher, student, Samples(feeds), FitConfig(**options))
     fit_time = time.perf_counter() - start
     after = passes()
     floor = min(before, after)  # the machine may be shared: the fastest forward is the conservative floor
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.report.seconds.items())
-    print(f"| {args.net} | {args.points} | {args.batch} | {args.samples} | {result.report.provider} | {len(result.report.points)} | {floor:.1f} s "
+    print(f"| {args.net} | {args.solver} | {args.augment} | {args.batch} | {args.samples} | {result.report.samples_fit + result.report.samples_augmented + result.report.samples_heldout} | {result.report.provider} | {len(result.report.points)} | {floor:.1f} s "
           f"| {fit_time:.1f} s | **{fit_time / floor:.2f}** | {stages} |")
     print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
     print(f"forward floor measured before the fit {before:.1f} s, after it {after:.1f} s")

@@ -56,9 +56,14 @@ _DEFAULTS = FitConfig()
               show_default=True, help="For a point feeding a residual Add: match the teacher's sum, or its own output.")
 @click.option("--solver", type=click.Choice(["q", "full", "auto"]), default=_DEFAULTS.solver, show_default=True,
               help="q: the paper's C×C map after each op (fast); full: refit each op's whole weight from its "
-                   "input patches (recovers more, statistics cost ~k²·C_in/C_out times q's, on the host); auto: "
-                   "full where that cost is at most 16× the layer's, q elsewhere (on ImageNet-size nets about "
-                   "2–4.5× the fit time of q: use q when time matters).")
+                   "input patches (recovers more, statistics cost ~k²·C_in/C_out times q's); auto: "
+                   "full where that cost is at most 16× the layer's, q elsewhere (on ImageNet-size nets "
+                   "1.2–3× the fit time of q: use q when time matters).")
+@click.option("--stats-positions", type=click.Choice(["auto", "all"]), default=_DEFAULTS.stats_positions,
+              show_default=True,
+              help="auto: a conv's statistics read every 2nd–4th row and column of its output map where that "
+                   "still leaves a 14×14 grid per sample and 64 rows per feature (2–16× less statistics work); "
+                   "all: every position.")
 @click.option("--ridge", type=FiniteFloat(low=0), default=_DEFAULTS.ridge, show_default=True,
               help="Ridge strength relative to the Gram trace; Q is shrunk towards identity.")
 @click.option("--holdout", type=FiniteFloat(0, 1, high_open=True), default=_DEFAULTS.holdout, show_default=True,
@@ -96,7 +101,8 @@ _DEFAULTS = FitConfig()
 @reports_errors
 def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: float | None, rank_ratio: float | None,
                 student_out: Path | None, data_path: Path | None, output_path: Path | None,
-                num_samples: int | None, mode: str, points: str, residual_target: str, solver: str, ridge: float,
+                num_samples: int | None, mode: str, points: str, residual_target: str, solver: str,
+                stats_positions: str, ridge: float,
                 holdout: float, batch_size: int, provider: str, map_path: Path | None, reselect: bool,
                 augment: str, polish_steps: int, polish_lr: float, report_path: Path | None, seed: int,
                 keep_map: bool, force: bool, input_shapes, **image) -> None:
@@ -133,7 +139,8 @@ def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: floa
         student = compressed.model
     check_compatible(teacher, student)
     samples = load_samples(data_path, input_specs(student), num_samples, build_image_options(**image))
-    config = FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver, ridge=ridge,
+    config = FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver,
+                       stats_positions=stats_positions, ridge=ridge,
                        holdout=holdout, batch_size=batch_size, provider=provider, seed=seed,
                        reselect=reselect, augment=augment, polish_steps=polish_steps, polish_lr=polish_lr)
     console = human_console(data_on_stdout=True)

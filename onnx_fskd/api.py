@@ -63,7 +63,7 @@ def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSour
         provider: str = _DEFAULTS.provider, num_samples: int | None = None, images: ImageOptions | None = None,
         map_path: str | os.PathLike | None = None, keep_map: bool = False, reselect: bool = _DEFAULTS.reselect,
         augment: str = _DEFAULTS.augment, polish_steps: int = _DEFAULTS.polish_steps,
-        polish_lr: float = _DEFAULTS.polish_lr) -> FitResult:
+        polish_lr: float = _DEFAULTS.polish_lr, stats_positions: str = _DEFAULTS.stats_positions) -> FitResult:
     """Recover ``student`` (or the teacher compressed by ``prune``/``decompose``; with none of the three,
     ``prune=DEFAULT_PRUNE_RATIO``) from ``data``; the other options are `onnx-fskd fit`'s."""
     if sum(option is not None for option in (student, prune, decompose)) > 1:
@@ -75,7 +75,7 @@ def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSour
     settings = pipeline.FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver,
                                   ridge=ridge, holdout=holdout, batch_size=batch_size, provider=provider, seed=seed,
                                   reselect=reselect, augment=augment, polish_steps=polish_steps,
-                                  polish_lr=polish_lr)
+                                  polish_lr=polish_lr, stats_positions=stats_positions)
     teacher_model = _model(teacher)
     student_model = _model(student) if student is not None else \
         pipeline.make_student(teacher_model, prune, decompose).model

@@ -318,7 +318,7 @@ def _sliceable(point: CorrectionPoint, graph: GraphIndex) -> bool:
     return _conv_output_size(point, graph) is not None
 
 
-def _patches(g: "_Builder", point: CorrectionPoint, graph: GraphIndex, stride: int) -> str:
+def _patches(g: _Builder, point: CorrectionPoint, graph: GraphIndex, stride: int) -> str:
     """(N, F, H', W') im2col patches of the point's conv at the sampled positions. With a known output
     size, one strided slice of the padded input per kernel offset, concatenated (features (i, j, c),
     patch_order); else a conv with one-hot kernels, in the weight's order but at F² multiply-adds per

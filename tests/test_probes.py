@@ -9,13 +9,17 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnx_fskd.pipeline as pipeline
+import onnx_fskd.probes as probes
 from builders import IR_VERSION, OPSET, NetBuilder, mobile_net, prune_by_slicing, random_inputs, resnet_net, token_mlp, vgg_net
+from onnx_fskd.correct import full_form
 from onnx_fskd.data import Samples
+from onnx_fskd.features import point_features
 from onnx_fskd.graph import GraphIndex
 from onnx_fskd.pipeline import FitConfig, fit
 from onnx_fskd.points import find_points
 from onnx_fskd.probes import ProbeFeeds, StatsProbe, probe_blocker
 from onnx_fskd.runtime import make_session, run_batched
+from onnx_fskd.sampling import position_stride
 from onnx_fskd.stats import GramStats, as_planes
 from test_fit import outputs, perturbed
 from transformer_builders import bert_block, nhwc_block
@@ -227,3 +231,125 @@ def test_attention_mask_leaves_padded_rows_out():
 
 def outputs_of(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return run_batched(make_session(model, CPU), feeds, ["logits"], 64)["logits"]
+
+
+def sampled_rows(tensor: np.ndarray, stride: int) -> np.ndarray:
+    return tensor[:, :, ::stride, ::stride]
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+@pytest.mark.parametrize("make", [vgg_net, resnet_net, mobile_net])
+def test_strided_probe_sums_the_sampled_positions(make, stride):
+    """With a position stride s, the sums are those of output positions (s·i, s·j) exactly: the probe's
+    conv copy runs with s times its strides (3×3 with padding, stride-2 convs, depthwise, 1×1
+    expansions summed from their input) and the target is sliced to match."""
+    model = make()
+    graph = GraphIndex(model)
+    feeds = inputs_for(model, 11)
+    points = [p for p in find_points(graph).points if p.op_type == "Conv" and probe_blocker(p, graph) is None]
+    assert len(points) >= 3
+    for point in points:
+        got = tensors(model, feeds, [point.input, point.output])
+        y = got[point.output]
+        t = (0.8 * y + 0.3 * np.random.default_rng(4).normal(size=y.shape) + 2.0).astype(np.float32)
+        probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride)
+        stats = probe.accumulate(ProbeFeeds(got[point.input], t), [slice(0, 11)], 4)[0]
+        want = reference(sampled_rows(y, stride), sampled_rows(t, stride), 1, point.channels, point.groups)
+        assert stats.rows == 11 * -(-y.shape[2] // stride) * -(-y.shape[3] // stride)
+        assert_close(stats, want, 1e-5)
+
+
+def patch_reference(point, graph, x: np.ndarray, t: np.ndarray, stride: int) -> GramStats:
+    patches = point_features(point, graph, x)
+    n, _, h, w = t.shape
+    keep = np.zeros((n, h, w), bool)
+    keep[:, ::stride, ::stride] = True
+    rows = patches[keep.reshape(-1)]
+    target = np.moveaxis(t, 1, -1)[keep]
+    stats = GramStats.empty(rows.shape[1], t.shape[1])
+    stats.add(rows, target)
+    return stats
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("sliced", [True, False])
+def test_patch_probe_sums_match_im2col_in_float64(stride, sliced, monkeypatch):
+    """The full solver's sums of [x 1] (x: im2col patches, cut by strided slices of the padded input, or
+    by a one-hot conv when the output size is unknown) against the target, as NumPy's float64 im2col
+    gives them, through padding, strides and the residual sum target."""
+    model = resnet_net()
+    graph = GraphIndex(model)
+    feeds = inputs_for(model, 9)
+    if not sliced:
+        monkeypatch.setattr(probes, "_conv_output_size", lambda point, graph: None)
+    points = [p for p in find_points(graph).points if p.op_type == "Conv" and full_form(p, graph) is not None]
+    assert any(graph.node_by_name[p.name].attribute and p.residual_skip for p in points)
+    for point in points:
+        got = tensors(model, feeds, [point.input, point.output])
+        y = got[point.output]
+        t = (1.1 * y + 0.2 * np.random.default_rng(5).normal(size=y.shape) - 1.0).astype(np.float32)
+        probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride,
+                           full=full_form(point, graph).linear_map)
+        assert (probe.order is not None) == sliced
+        stats = probe.accumulate(ProbeFeeds(got[point.input], t), [slice(0, 9)], 4)[0]
+        assert_close(stats, patch_reference(point, graph, got[point.input], t, stride), 2e-5)
+
+
+@pytest.mark.parametrize("make", [resnet_net, vgg_net])
+def test_full_fit_from_runtime_statistics_matches_the_host_path(make, monkeypatch):
+    """The full solver in the runtime: the same points kept with the same errors, and the same model,
+    as its float64 host path."""
+    teacher = make()
+    student = perturbed(teacher, 0.3)
+    samples = Samples(random_inputs(teacher, 60))
+    config = FitConfig(batch_size=16, solver="full", stats_positions="all")
+    in_graph = fit(teacher, student, samples, config)
+    monkeypatch.setattr(pipeline, "probe_blocker", lambda point, graph: "forced host path")
+    on_host = fit(teacher, student, samples, config)
+    assert "runtime" in {p.statistics for p in in_graph.report.points if p.solver == "full"}
+    assert {p.statistics for p in on_host.report.points} == {"host"}
+    assert [(p.solver, p.status) for p in in_graph.report.points] == [(p.solver, p.status) for p in on_host.report.points]
+    for a, b in zip(in_graph.report.points, on_host.report.points):
+        assert a.rows == b.rows
+        np.testing.assert_allclose([a.error_before, a.error_after], [b.error_before, b.error_after], rtol=1e-3, atol=1e-5)
+    assert in_graph.report.exactness <= 1e-4 and in_graph.report.consistency <= 1e-5
+    feeds = random_inputs(teacher, 30, seed=7)
+    np.testing.assert_allclose(outputs(in_graph.model, feeds), outputs(on_host.model, feeds), rtol=1e-3, atol=1e-3)
+
+
+def wide_map_net() -> onnx.ModelProto:
+    """A 3×3 conv on a 64×64 map, another after a stride-2 conv (32×32), and a 1×1 on 8×8."""
+    b = NetBuilder(9)
+    x = b.conv("wide", "input", 3, 8)
+    x = b.conv("half", b.node("Relu", "r1", [x]), 8, 8, stride=2)
+    x = b.node("MaxPool", "pool", [b.node("Relu", "r2", [x])], kernel_shape=[4, 4], strides=[4, 4])
+    x = b.conv("small", x, 8, 8, k=1)
+    x = b.node("Flatten", "flat", [b.node("GlobalAveragePool", "gap", [x])], axis=1)
+    return b.model(b.gemm("fc", x, 8, 4), (3, 64, 64), 4, "wide_map")
+
+
+def test_position_stride_keeps_a_grid_and_enough_rows_per_feature():
+    graph = GraphIndex(wide_map_net())
+    points = {p.name: p for p in find_points(graph).points}
+    stride = lambda name, samples, option="auto", features=9: position_stride(option, points[name], graph, features, samples)  # noqa: E731
+    assert stride("wide", 1000) == 4      # 64×64 → a 16×16 grid
+    assert stride("half", 1000) == 2      # 32×32 → 16×16; 11×11 at 3 is under 14×14
+    assert stride("small", 1000) == 1     # 8×8 is under the grid already
+    assert stride("fc", 1000) == 1        # not a conv
+    assert stride("wide", 1000, "all") == 1
+    assert stride("wide", 4, features=99) == 1   # 4·32² rows < 64 rows per feature × 100
+    assert stride("wide", 8, features=99) == 2   # 8·32² rows suffice, 8·22² do not
+
+
+def test_fit_on_sampled_positions_stays_close_to_all_positions():
+    """On maps large enough to be sampled, the fit on a grid of positions recovers as much as the fit on
+    every position (held-out output error within 10 %), and says which stride each point used."""
+    teacher = wide_map_net()
+    student = perturbed(teacher, 0.3)
+    samples = Samples(random_inputs(teacher, 64))
+    sampled = fit(teacher, student, samples, FitConfig(solver="q", augment="none"))
+    every = fit(teacher, student, samples, FitConfig(solver="q", augment="none", stats_positions="all"))
+    assert {p.student: p.position_stride for p in sampled.report.points}["wide"] > 1
+    assert {p.position_stride for p in every.report.points} == {1}
+    assert sampled.report.after.relative_error < 0.5 * sampled.report.before.relative_error
+    assert sampled.report.after.relative_error <= 1.1 * every.report.after.relative_error
