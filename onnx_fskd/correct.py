@@ -21,6 +21,7 @@ from .pairing import PointPair
 from .points import CorrectionPoint
 from .report import PointReport
 from .solve import Adapter, solve_adapter, solve_weights
+from .sampling import sample_positions
 from .stats import GramStats, as_planes, as_rows
 
 # A correction must cut the held-out error by this fraction to be kept; float noise alone never passes.
@@ -86,12 +87,14 @@ def _report(pair: PointPair, rows: int, target: str, how: str, solver: str, befo
 
 
 def fit_adapter(pair: PointPair, graph: GraphIndex, y: np.ndarray, target: np.ndarray, rows: Rows,
-                settings: FitSettings, target_kind: str, how: str) -> PointFit:
-    """The paper's FSKD: y ↦ Q·y + d, from the point's output on the host."""
+                settings: FitSettings, target_kind: str, how: str, stride: int = 1) -> PointFit:
+    """The paper's FSKD: y ↦ Q·y + d, from the point's output on the host; the sums read every
+    ``stride``-th row and column of y (``target`` is given on those positions), Q applies to all of y."""
     s = pair.student
     axis = s.channel_axis
+    sampled = sample_positions(y, stride)
     stats = tuple(GramStats.empty(s.channels, blocks=s.groups) for _ in range(2))
-    _accumulate(stats, rows, settings.batch_size, lambda i: (as_planes(y[i], axis), as_planes(target[i], axis)))
+    _accumulate(stats, rows, settings.batch_size, lambda i: (as_planes(sampled[i], axis), as_planes(target[i], axis)))
     point_fit = adapter_from_stats(pair, graph, stats, settings, target_kind, how)
     if point_fit.adapter is not None:
         final = point_fit.adapter
@@ -164,21 +167,19 @@ def weights_from_stats(pair: PointPair, form: FullForm, stats: tuple[GramStats, 
     return PointFit(form.update(final), None, None, report, form.update(candidate)), final
 
 
-def fit_weights(pair: PointPair, graph: GraphIndex, x: np.ndarray, y: np.ndarray, target: np.ndarray,
-                rows: Rows, settings: FitSettings, target_kind: str, how: str) -> PointFit:
-    """Full-weight refit of the op from its input on the host: y ≈ a·(W'·x + t') + c through the chain's
-    per-channel scale a and offset c; falls back to the Q solver where that form does not hold."""
+def fit_weights(pair: PointPair, graph: GraphIndex, form: FullForm, x: np.ndarray, y: np.ndarray, target: np.ndarray,
+                rows: Rows, settings: FitSettings, target_kind: str, how: str, stride: int = 1) -> PointFit:
+    """Full-weight refit of the op from its input on the host (``form``: full_form of the point): y ≈
+    a·(W'·x + t') + c through the chain's per-channel scale a and offset c. The sums read every
+    ``stride``-th row and column of the output (``target`` is given on those positions)."""
     s = pair.student
-    form = full_form(s, graph)
-    if form is None:
-        return fit_adapter(pair, graph, y, target, rows, settings, target_kind, how)
     axis = s.channel_axis
     features = form.current.shape[0] - 1
-    rows_per_sample = int(np.prod(y.shape)) // (len(y) * s.channels)
+    rows_per_sample = int(np.prod(target.shape)) // (len(target) * s.channels)
     chunk = max(1, min(settings.batch_size, _FEATURE_BYTES // (8 * rows_per_sample * (features + 1))))
     stats = tuple(GramStats.empty(features, s.channels) for _ in range(2))
     _accumulate(stats, rows, chunk,
-                lambda i: (point_features(s, graph, x[i]), as_rows(target[i], axis)))
+                lambda i: (point_features(s, graph, x[i], stride), as_rows(target[i], axis)))
     point_fit, final = weights_from_stats(pair, form, stats, settings, target_kind, how)
     if final is None:
         return point_fit

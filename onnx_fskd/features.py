@@ -26,9 +26,10 @@ def full_refit_blocker(point: CorrectionPoint, graph: GraphIndex) -> str | None:
     return None
 
 
-def point_features(point: CorrectionPoint, graph: GraphIndex, x: np.ndarray) -> np.ndarray:
-    """(rows, features) for the samples in x, rows in the order of stats.as_rows of the op's output,
-    features in the order of the output-major weight flattened per output channel."""
+def point_features(point: CorrectionPoint, graph: GraphIndex, x: np.ndarray, stride: int = 1) -> np.ndarray:
+    """(rows, features) for the samples in x, rows in the order of stats.as_rows of the op's output (of
+    every ``stride``-th row and column of a conv's output), features in the order of the output-major
+    weight flattened per output channel."""
     if point.op_type != "Conv":
         return x.reshape(-1, x.shape[-1])
     node = graph.node_by_name[point.name]
@@ -39,6 +40,6 @@ def point_features(point: CorrectionPoint, graph: GraphIndex, x: np.ndarray) -> 
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(2, 3))
-    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]                      # (N, C, Ho, Wo, kh, kw)
+    windows = windows[:, :, ::sh * stride, ::sw * stride, ::dh, ::dw]    # (N, C, Ho, Wo, kh, kw)
     n, c, ho, wo = windows.shape[:4]
     return np.ascontiguousarray(windows.transpose(0, 2, 3, 1, 4, 5)).reshape(n * ho * wo, c * kh * kw)

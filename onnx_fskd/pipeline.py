@@ -18,8 +18,8 @@ from .compress import CompressResult, decompose_model, prune_model
 from .augment import AUGMENTATIONS, augment_fit_rows
 from .compress.prune import check_prune_options
 from .compress.result import write_map
-from .correct import (FitSettings, PointFit, Rows, adapter_from_stats, fit_adapter, fit_weights, full_form,
-                      weights_from_stats)
+from .correct import (FitSettings, FullForm, PointFit, Rows, adapter_from_stats, fit_adapter, fit_weights,
+                      full_form, weights_from_stats)
 from .fuse import ModelWriter, WeightUpdate, unwritable_reason, write_update
 from .graph import GraphIndex
 from .metrics import choose_metric, compare, padding_mask, relative_error
@@ -29,10 +29,10 @@ from .points import CorrectionPoint, find_points
 from .probes import ProbeFeeds, StatsProbe, probe_blocker
 from .report import HELD_OUT, IN_SAMPLE, FitReport, OutputMetrics
 from .reselect import Reselection, reselect_channels, updated_map
-from .sampling import POSITIONS, position_stride
+from .sampling import POSITIONS, position_stride, sample_positions
 from .solver_policy import SOLVERS, choose_solver
 from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
-from .segments import SegmentRunner
+from .segments import SegmentRunner, sampled_name
 from .solve import Adapter
 from .stats import as_rows
 from .verify import EXACTNESS_TOLERANCE, check_model, exactness, verified_on, with_explicit_adapters
@@ -236,6 +236,34 @@ def _analyse(teacher: onnx.ModelProto, student: onnx.ModelProto, config: FitConf
     return _Plan(teacher, student, loaded, t_graph, s_graph, pairs, skipped)
 
 
+@dataclass(frozen=True)
+class _Choice:
+    """How a point is fitted, decided before the loop (the teacher is fetched ahead by it): the solver,
+    the full solver's form of the point (None for q) and the stride of the positions its sums read."""
+
+    solver: str
+    form: FullForm | None
+    stride: int
+
+    def teacher_names(self, point: CorrectionPoint, with_skip: bool) -> list[str]:
+        """The teacher tensors the point's statistics read, on its grid of positions (segments.sampled_name)."""
+        return [sampled_name(name, self.stride) for name in _teacher_tensors(point, with_skip)]
+
+
+def _teacher_tensors(point: CorrectionPoint, with_skip: bool) -> list[str]:
+    return [point.output] + ([point.residual_skip] if with_skip and point.residual_skip else [])
+
+
+def _choose(pair: PointPair, graph: GraphIndex, config: FitConfig, fit_count: int) -> _Choice:
+    s = pair.student
+    solver = choose_solver(config.solver, s, graph, fit_count)
+    form = full_form(s, graph) if solver == "full" else None
+    if form is None:
+        solver = "q"  # the full solver's form does not hold here (correct.full_form)
+    features = s.group_size if form is None else form.current.shape[0] - 1
+    return _Choice(solver, form, position_stride(config.stats_positions, s, graph, features, fit_count))
+
+
 def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, providers: list[str],
                 report: FitReport, progress: Progress | None) -> _Fitted:
     """Front to back: run both nets up to the point, fit it, and (sequential) correct the student's
@@ -252,30 +280,35 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
     fitted_outputs: set[str] = set()
     pairs = plan.pairs
     point_outputs = {p.student.output for p in pairs}
-    for index, pair in enumerate(pairs):
-        s, t = pair.student, pair.teacher
+    choices = [_choose(pair, plan.s_graph, config, rows.fit.stop - rows.fit.start) for pair in pairs]
+    with_skips = config.residual_target == "sum"
+    for index, (pair, choice) in enumerate(zip(pairs, choices)):
+        s, t, stride = pair.student, pair.teacher, choice.stride
         use_sum = bool(config.residual_target == "sum" and s.residual_skip and t.residual_skip
                        and (s.residual_skip in fitted_outputs or s.residual_skip not in point_outputs))
-        solver = choose_solver(config.solver, s, plan.s_graph, rows.fit.stop - rows.fit.start)
         kind = "sum" if use_sum else "plain"
-        prefetch = _teacher_prefetch(pairs[index + 1:], t_run, plan.t_graph, len(samples), config.residual_target == "sum")
+        prefetch = _teacher_prefetch(pairs[index + 1:], choices[index + 1:], t_run, plan.t_graph, len(samples),
+                                     with_skips)
+        t_names = choice.teacher_names(t, use_sum)
         known = _known_kept(pair, mapper)
-        form = full_form(s, plan.s_graph) if solver == "full" else None
-        if known is not None and s.name not in s_run.done and probe_blocker(s, plan.s_graph) is None \
-                and (solver == "q" or form is not None):
-            # In-graph statistics: only the point's input and the teacher's tensors are cached; the
+        form = choice.form
+        if known is not None and s.name not in s_run.done and probe_blocker(s, plan.s_graph) is None:
+            # In-graph statistics: only the point's input and the teacher's sampled tensors are cached; the
             # point's output is computed inside the probe, and later with its update folded into the weights.
             kept, how = known
             pair = PointPair(t, s, pair.source, kept)
             mapper.record(pair)
-            s_out = s_run.compute([s.input] + ([s.residual_skip] if use_sum else []))
-            t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []), prefetch=prefetch)
+            # A wide input is recomputed inside the probe, never cached (not with a fixed batch size: the
+            # probe's batches follow the fit/held-out split, not the model's batch).
+            side = s_run.side_graph(s.input) if fixed_batch is None else None
+            x_names = [i.name for i in side.graph.input] if side is not None else [s.input]
+            s_out = s_run.compute(x_names + ([s.residual_skip] if use_sum else []))
+            t_out = t_run.compute(t_names, prefetch=prefetch)
             mask = _row_mask(s, plan.s_graph, samples)
-            features = s.group_size if form is None else form.current.shape[0] - 1
-            stride = position_stride(config.stats_positions, s, plan.s_graph, features, rows.fit.stop - rows.fit.start)
             probe = StatsProbe(s, plan.s_graph, kept, t.channels, providers, use_sum, use_sum, mask is not None,
-                               stride, form.linear_map if form is not None else None)
-            feeds = ProbeFeeds(s_out[s.input], t_out[t.output], t_out[t.residual_skip] if use_sum else None,
+                               stride, form.linear_map if form is not None else None, side)
+            feeds = ProbeFeeds({name: s_out[name] for name in x_names} if side is not None else s_out[s.input],
+                               t_out[t_names[0]], t_out[t_names[1]] if use_sum else None,
                                s_out[s.residual_skip] if use_sum else None, mask)
             stats = probe.accumulate(feeds, [rows.fit, rows.held], config.batch_size)
             if form is None:
@@ -290,25 +323,27 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
                 if config.mode == "sequential":
                     s_run.fold(s, point_fit.update)
             del s_out, t_out, feeds, probe  # the probe session holds its arena of batch intermediates
-            _after_point(index, pairs, s, t, t_run, fitted_outputs, progress)
+            _after_point(index, pairs, choices, s, t, t_run, fitted_outputs, progress, with_skips)
             continue
-        want_input = solver == "full"
+        want_input = form is not None
         s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []) + ([s.input] if want_input else []))
-        t_out = t_run.compute([t.output] + ([t.residual_skip] if use_sum else []), prefetch=prefetch)
+        t_out = t_run.compute(t_names, prefetch=prefetch)
         y = s_out[s.output]
-        kept, how = known if known is not None else _activation_kept(pair, y, t_out[t.output], rows.fit)
+        kept, how = known if known is not None else _activation_kept(pair, sample_positions(y, stride), t_out[t_names[0]],
+                                                                     rows.fit)
         pair = PointPair(t, s, pair.source, kept)
         mapper.record(pair)
-        target = _restrict(t_out[t.output], kept, s.channel_axis)
+        target = _restrict(t_out[t_names[0]], kept, s.channel_axis)
         if use_sum:  # teacher sum − student skip, built in a recycled buffer
             summed = s_run.buffers.empty(target.shape, target.dtype)
-            np.add(target, _restrict(t_out[t.residual_skip], kept, s.channel_axis), out=summed)
-            target = np.subtract(summed, s_out[s.residual_skip], out=summed)
+            np.add(target, _restrict(t_out[t_names[1]], kept, s.channel_axis), out=summed)
+            target = np.subtract(summed, sample_positions(s_out[s.residual_skip], stride), out=summed)
             del summed
         if want_input:
-            point_fit = fit_weights(pair, plan.s_graph, s_out[s.input], y, target, rows, settings, kind, how)
+            point_fit = fit_weights(pair, plan.s_graph, form, s_out[s.input], y, target, rows, settings, kind, how, stride)
         else:
-            point_fit = fit_adapter(pair, plan.s_graph, y, target, rows, settings, kind, how)
+            point_fit = fit_adapter(pair, plan.s_graph, y, target, rows, settings, kind, how, stride)
+        point_fit.report.position_stride = stride
         report.points.append(point_fit.report)
         if point_fit.update is not None:
             fits.append((s, point_fit))
@@ -318,17 +353,17 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
         if use_sum:
             s_run.buffers.retire(target)
         del s_out, t_out, y, target  # let the runners recycle them
-        _after_point(index, pairs, s, t, t_run, fitted_outputs, progress)
+        _after_point(index, pairs, choices, s, t, t_run, fitted_outputs, progress, with_skips)
     out_name = plan.s_graph.graph_outputs[0]
     return _Fitted(fits, t_run.compute([out_name])[out_name], s_run.compute([out_name])[out_name])
 
 
-def _after_point(index: int, pairs: list[PointPair], s: CorrectionPoint, t: CorrectionPoint, t_run: SegmentRunner,
-                 fitted_outputs: set[str], progress: Progress | None) -> None:
+def _after_point(index: int, pairs: list[PointPair], choices: list[_Choice], s: CorrectionPoint, t: CorrectionPoint,
+                 t_run: SegmentRunner, fitted_outputs: set[str], progress: Progress | None, with_skips: bool) -> None:
     """Bookkeeping once a point is fitted: teacher tensors no later point asks for are released."""
     fitted_outputs.add(s.output)
-    later = {name for p in pairs[index + 1:] for name in (p.teacher.output, p.teacher.residual_skip)}
-    t_run.release([name for name in (t.output, t.residual_skip) if name not in later])
+    later = {name for p, c in zip(pairs[index + 1:], choices[index + 1:]) for name in c.teacher_names(p.teacher, with_skips)}
+    t_run.release([name for name in choices[index].teacher_names(t, True) if name not in later])
     if progress:
         progress("points", index + 1, len(pairs))
 
@@ -487,19 +522,23 @@ def _restrict(teacher_tensor: np.ndarray, kept: np.ndarray, axis: int) -> np.nda
     return np.take(teacher_tensor, kept, axis=axis)
 
 
-def _teacher_prefetch(upcoming: list[PointPair], runner: SegmentRunner, graph: GraphIndex, count: int,
-                      with_skips: bool, budget: int = PREFETCH_BYTES) -> list[str]:
-    """Teacher tensors of the next points that fit in the budget: the teacher needs no cut per point
-    (nothing is corrected in it), so it runs in a few long segments instead of one per point."""
+def _teacher_prefetch(upcoming: list[PointPair], choices: list[_Choice], runner: SegmentRunner, graph: GraphIndex,
+                      count: int, with_skips: bool, budget: int = PREFETCH_BYTES) -> list[str]:
+    """Teacher tensors of the next points, on their grids of positions, that fit in the budget: the teacher
+    needs no cut per point (nothing is corrected in it), so it runs in a few long segments instead of one
+    per point."""
     names: list[str] = []
-    for pair in upcoming:
-        for name in filter(None, (pair.teacher.output, pair.teacher.residual_skip if with_skips else None)):
-            shape = graph.shapes.get(name)
+    for pair, choice in zip(upcoming, choices):
+        for tensor in _teacher_tensors(pair.teacher, with_skips):
+            name, shape = sampled_name(tensor, choice.stride), graph.shapes.get(tensor)
             if name in runner.cache or name in names:
                 continue
             if shape is None or None in shape[1:]:
                 return names
-            budget -= 4 * count * int(np.prod(shape[1:]))
+            per_sample = int(np.prod(shape[1:]))
+            if choice.stride > 1:
+                per_sample = int(np.prod(shape[1:2])) * -(-shape[2] // choice.stride) * -(-shape[3] // choice.stride)
+            budget -= 4 * count * per_sample
             if budget < 0:
                 return names
             names.append(name)

@@ -40,17 +40,18 @@ _OUTPUTS = ("shape", "rows", "sx", "Sx", "Gxx", "sd", "Sd", "Gxd", "Qd")
 
 @dataclass(frozen=True)
 class ProbeFeeds:
-    """The cached tensors a probe reads, by role; skips and mask only where the probe was built with them."""
+    """The cached tensors a probe reads, by role; skips and mask only where the probe was built with them.
+    ``x``: the point's input, or for a probe with a prefix the prefix's inputs by name."""
 
-    x: np.ndarray
+    x: np.ndarray | dict[str, np.ndarray]
     teacher: np.ndarray
     teacher_skip: np.ndarray | None = None
     student_skip: np.ndarray | None = None
     mask: np.ndarray | None = None
 
     def window(self, rows: slice) -> dict[str, np.ndarray]:
-        named = {_X: self.x, _T: self.teacher, _T_SKIP: self.teacher_skip, _S_SKIP: self.student_skip,
-                 _MASK: self.mask}
+        named = {_T: self.teacher, _T_SKIP: self.teacher_skip, _S_SKIP: self.student_skip, _MASK: self.mask}
+        named |= self.x if isinstance(self.x, dict) else {_X: self.x}
         return {name: value[rows] for name, value in named.items() if value is not None}
 
 
@@ -104,13 +105,15 @@ class StatsProbe:
 
     def __init__(self, point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_channels: int,
                  providers: list[str], teacher_skip: bool = False, student_skip: bool = False,
-                 masked: bool = False, stride: int = 1, full: tuple[np.ndarray, np.ndarray] | None = None):
+                 masked: bool = False, stride: int = 1, full: tuple[np.ndarray, np.ndarray] | None = None,
+                 prefix: onnx.ModelProto | None = None):
         self.point = point
         self.full = full
         self.via_input = None if full is not None else input_map(point, graph)
         self.order = patch_order(point, graph) if full is not None and point.op_type == "Conv" else None
         source = "patches" if full is not None else "input" if self.via_input is not None else "output"
-        self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked, source, stride)
+        self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked, source, stride,
+                            prefix)
         self.session = make_session(self.model, providers, exact=True)
 
     def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int) -> list[GramStats]:
@@ -206,15 +209,22 @@ def _point_nodes(point: CorrectionPoint, graph: GraphIndex) -> list[onnx.NodePro
 
 
 def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_channels: int,
-           teacher_skip: bool, student_skip: bool, masked: bool, source: str = "output", stride: int = 1) -> onnx.ModelProto:
+           teacher_skip: bool, student_skip: bool, masked: bool, source: str = "output", stride: int = 1,
+           prefix: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """``source``: what x is — the op's "output", its "input" (a widening op, rebuilt on the host), or
     its input "patches" (the full solver). ``stride`` s > 1 (a conv point, sampling.py): the sums read
-    output positions (s·i, s·j) only; the convs run with s times their strides and every output-sized
-    input is sliced with step s."""
+    output positions (s·i, s·j) only; the teacher's tensors come on those positions already (the
+    teacher's runner slices them), the copy of the op runs with s times its strides, and the student's
+    skip (and a 1×1 op's input) are sliced here. ``prefix``: a sub-graph of the student that computes
+    the point's input from cached tensors (SegmentRunner.side_graph), run first inside the probe so a
+    wide input never leaves the runtime."""
     opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    g = _Builder(opset)
+    g = _Builder(opset, _X if prefix is None else point.input)
+    if prefix is not None:
+        g.nodes.extend(prefix.graph.node)
+        g.initializers.extend(prefix.graph.initializer)
     # The statistics-only copy of op + chain, reading the probe's input.
-    renamed = {point.input: _X}
+    renamed = {point.input: g.x}
     constants: set[str] = set()
     for index, node in enumerate(_point_nodes(point, graph)):
         copy = onnx.NodeProto()
@@ -232,9 +242,10 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
         g.nodes.append(copy)
     y = renamed[point.output]
     sampled = (lambda name: g.sampled(name, stride)) if stride > 1 else (lambda name: name)
-    g.initializers.extend(graph.model.graph.initializer[i] for i in _initializer_positions(graph, constants))
+    present = {t.name for t in g.initializers}  # a prefix may hold some of the point's constants already
+    g.initializers.extend(graph.model.graph.initializer[i] for i in _initializer_positions(graph, constants - present))
     axis = point.channel_axis
-    target = g.op("Add", sampled(_T), sampled(_T_SKIP)) if teacher_skip else sampled(_T)
+    target = g.op("Add", _T, _T_SKIP) if teacher_skip else _T
     if len(kept) != teacher_channels or not np.array_equal(kept, np.arange(teacher_channels)):
         target = g.op("Gather", target, g.const("kept", np.asarray(kept, np.int64)), axis=axis)
     if student_skip:
@@ -250,7 +261,7 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     elif source in ("input", "patches"):  # the input's sums: y = A·x + b is rebuilt on the host
         if source == "patches":  # a Gemm or MatMul: its input rows, as wide as its output-major weight's rows
             in_channels = patch_features(point, graph)
-        xp = g.planes(sampled(_X), 1 if point.op_type == "Conv" else -1, 1, in_channels, in_channels)  # the op's own input layout
+        xp = g.planes(sampled(g.x), 1 if point.op_type == "Conv" else -1, 1, in_channels, in_channels)  # the op's own input layout
     else:
         xp = g.planes(y, axis, blocks, k, point.channels)
     weight = None
@@ -276,12 +287,13 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
         rows_d = g.rows(dc)
         g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_x, perm=[0, 2, 1])), "Gxx")
         g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_d, perm=[0, 2, 1])), "Gxd")
-    inputs = [_X, _T] + ([_T_SKIP] if teacher_skip else []) + ([_S_SKIP] if student_skip else [])
-    inputs += [_MASK] if masked else []
+    inputs = ([] if prefix is not None else [_X]) + [_T] + ([_T_SKIP] if teacher_skip else [])
+    inputs += ([_S_SKIP] if student_skip else []) + ([_MASK] if masked else [])
     types = {_MASK: TensorProto.INT64}
     graph_proto = helper.make_graph(
         g.nodes, f"fskd_probe_{point.name}",
-        [helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None) for name in inputs],
+        (list(prefix.graph.input) if prefix is not None else [])
+        + [helper.make_tensor_value_info(name, types.get(name, TensorProto.FLOAT), None) for name in inputs],
         [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "shape" else TensorProto.FLOAT, None)
          for name in _OUTPUTS],
         g.initializers)
@@ -327,14 +339,14 @@ def _patches(g: _Builder, point: CorrectionPoint, graph: GraphIndex, stride: int
     attributes = _conv_attributes(node, stride)
     weight_shape = graph.shapes[point.weight]
     if not _sliceable(point, graph):
-        return g.op("Conv", _X, g.const("one_hot", _one_hot_kernels(weight_shape)), **attributes)
+        return g.op("Conv", g.x, g.const("one_hot", _one_hot_kernels(weight_shape)), **attributes)
     _, _, kh, kw = weight_shape
     sh, sw = attributes["strides"]
     dh, dw = attributes.get("dilations", [1, 1])
     top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
-    padded = _X
+    padded = g.x
     if any((top, left, bottom, right)):
-        padded = g.op("Pad", _X, g.const(f"pads{len(g.initializers)}", np.array([0, 0, top, left, 0, 0, bottom, right])))
+        padded = g.op("Pad", g.x, g.const(f"pads{len(g.initializers)}", np.array([0, 0, top, left, 0, 0, bottom, right])))
     out_h, out_w = _conv_output_size(point, graph)
     count_h, count_w = -(-out_h // stride), -(-out_w // stride)
     pieces = []
@@ -380,8 +392,9 @@ def _initializer_positions(graph: GraphIndex, names: set[str]) -> list[int]:
 class _Builder:
     """Node-by-node construction with fresh names; reductions in the form the opset wants."""
 
-    def __init__(self, opset: int):
+    def __init__(self, opset: int, x: str):
         self.opset = opset
+        self.x = x  # the tensor that holds the point's input
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
 

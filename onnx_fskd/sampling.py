@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .graph import GraphIndex
 from .ops.base import attribute
 from .points import CorrectionPoint
@@ -42,3 +44,8 @@ def position_stride(option: str, point: CorrectionPoint, graph: GraphIndex, feat
             break
         stride = candidate
     return stride
+
+
+def sample_positions(tensor: np.ndarray, stride: int) -> np.ndarray:
+    """Every ``stride``-th row and column of an (N, C, H, W) tensor, as a view (the tensor for 1)."""
+    return tensor if stride == 1 else tensor[:, :, ::stride, ::stride]

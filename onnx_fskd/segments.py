@@ -2,7 +2,11 @@
 
 Asking for a tensor runs only the not-yet-run nodes it depends on (a sub-graph cut with
 onnx.utils.Extractor), so fitting every point in turn costs one pass of the graph in total, and a
-fitted Q can be applied to a cached tensor before anything downstream of it runs."""
+fitted Q can be applied to a cached tensor before anything downstream of it runs.
+
+A tensor can also be asked for on a grid of positions only (``sampled_name``): the segment slices it
+before it leaves the runtime, so a statistic that reads every s-th row and column (sampling.py) moves
+1/s² of it to the host, and the full tensor is never cached."""
 
 from __future__ import annotations
 
@@ -19,6 +23,27 @@ from .graph import GraphIndex
 from .points import CorrectionPoint
 from .runtime import make_session, run_batched
 from .shapes import weightless_copy
+
+
+_SAMPLED = "fskd/every{stride}/"
+# A tensor at least this many times larger than the cached tensors it is computed from (a 6× expansion)
+# is recomputed inside each probe that reads it rather than cached for every sample; at most this many nodes.
+WIDENING = 2.0
+MAX_SIDE_NODES = 16
+
+
+def sampled_name(tensor: str, stride: int) -> str:
+    """The name under which a runner returns every ``stride``-th row and column of an (N, C, H, W)
+    tensor; the tensor's own name for stride 1."""
+    return tensor if stride == 1 else _SAMPLED.format(stride=stride) + tensor
+
+
+def _parse_sampled(name: str) -> tuple[str, int]:
+    """(tensor, stride) of a name from sampled_name."""
+    if name.startswith("fskd/every"):
+        stride, _, tensor = name[len("fskd/every"):].partition("/")
+        return tensor, int(stride)
+    return name, 1
 
 
 class SegmentRunner:
@@ -50,6 +75,11 @@ class SegmentRunner:
         """The wanted tensors over all samples, running only what has not run yet. ``prefetch`` tensors
         come out of the same run and stay cached until released: fewer, longer segments."""
         missing = [name for name in dict.fromkeys(list(wanted) + list(prefetch)) if name not in self.cache]
+        for name in missing:  # sampled views of tensors already cached: sliced here
+            tensor, stride = _parse_sampled(name)
+            if stride > 1 and tensor in self.cache:
+                self.cache[name] = np.ascontiguousarray(self.cache[tensor][:, :, ::stride, ::stride])
+        missing = [name for name in missing if name not in self.cache]
         if missing:
             self._run_segment(missing)
         self.pinned |= set(prefetch)
@@ -74,8 +104,35 @@ class SegmentRunner:
             raise FskdError(f"internal: {point.name} already ran; its fitted weights cannot be folded in")
         self.folded[point.name] = (point, update)
 
+    def side_graph(self, target: str) -> onnx.ModelProto | None:
+        """A model (folded weights included) that computes ``target`` from cached tensors, for a probe to run
+        first, when ``target`` is not cached and is WIDENING times wider than what it is computed from (the
+        output of an expansion, or what follows it before it narrows again); nothing is run or cached here.
+        None otherwise (compute() it)."""
+        if target in self.cache:
+            return None
+        nodes = self._nodes_for([target])
+        produced = {out for node in nodes for out in node.output if out}
+        inputs = sorted({i for node in nodes for i in node.input
+                         if i and i not in produced and not self.graph.is_constant(i)})
+        if not nodes or len(nodes) > MAX_SIDE_NODES or any(name not in self.cache for name in inputs):
+            return None
+        size = lambda name: int(np.prod(self.cache[name].shape[1:])) if name in self.cache else _per_sample(self.graph, name)  # noqa: E731
+        wide, narrow = size(target), sum(size(name) for name in inputs)
+        if wide is None or wide < WIDENING * narrow:
+            return None
+        try:
+            side = self.extractor.extract_model(inputs, [target])
+        except ValueError:
+            return None
+        side.ir_version = self.ir_version
+        self._write_folded(side, {node.name for node in nodes})
+        return side
+
     def _run_segment(self, missing: list[str]) -> None:
-        nodes = self._nodes_for(missing)
+        sampled = {name: _parse_sampled(name) for name in missing if _parse_sampled(name)[1] > 1}
+        plain = [name for name in missing if name not in sampled]
+        nodes = self._nodes_for(plain + [tensor for tensor, _ in sampled.values()])
         produced = {out for node in nodes for out in node.output if out}
         inputs = sorted({i for node in nodes for i in node.input
                          if i and i not in produced and not self.graph.is_constant(i)})
@@ -84,13 +141,16 @@ class SegmentRunner:
             raise FskdError(f"internal: segment input {absent[0]} is neither cached nor computable")
         self.done.update(node.name for node in nodes)
         keep = [out for out in produced if self._still_needed(out)]
-        outputs = list(dict.fromkeys(missing + sorted(keep)))
+        outputs = list(dict.fromkeys(plain + sorted(keep)))
+        bases = [tensor for tensor, _ in sampled.values() if tensor not in outputs]
         try:
-            segment = self.extractor.extract_model(inputs, outputs)
+            segment = self.extractor.extract_model(inputs, outputs + bases)
         except ValueError as exc:
-            raise FskdError(f"cannot cut a sub-graph at {outputs[0]}: {exc}") from None
+            raise FskdError(f"cannot cut a sub-graph at {(outputs + bases)[0]}: {exc}") from None
         segment.ir_version = self.ir_version
         self._write_folded(segment, {node.name for node in nodes})
+        _add_sampled_outputs(segment, sampled, bases)
+        outputs += list(sampled)
         session = make_session(segment, self.providers, exact=True)
         feeds = {name: self.cache[name] for name in inputs}
         self.cache.update(run_batched(session, feeds, outputs, self.batch_size, self.fixed_batch, self.on_batch,
@@ -128,3 +188,28 @@ class SegmentRunner:
     def _evict(self) -> None:
         for name in [n for n in self.cache if not self._still_needed(n)]:
             self.buffers.retire(self.cache.pop(name))
+
+
+def _add_sampled_outputs(segment: onnx.ModelProto, sampled: dict[str, tuple[str, int]], bases: list[str]) -> None:
+    """Slice nodes for the sampled outputs; tensors cut only to be sampled stop being outputs."""
+    graph = segment.graph
+    end = np.iinfo(np.int64).max
+    types = {output.name: output.type.tensor_type.elem_type for output in graph.output}
+    for name, (tensor, stride) in sampled.items():
+        constants = [onnx.numpy_helper.from_array(np.array(value, np.int64), f"{name}/{role}")
+                     for role, value in (("starts", [0, 0]), ("ends", [end, end]), ("axes", [2, 3]),
+                                         ("steps", [stride, stride]))]
+        graph.initializer.extend(constants)
+        graph.node.append(onnx.helper.make_node("Slice", [tensor] + [c.name for c in constants], [name],
+                                                name=f"{name}/slice"))
+        graph.output.append(onnx.helper.make_tensor_value_info(name, types[tensor], None))
+    kept = [output for output in graph.output if output.name not in bases]
+    del graph.output[:]
+    graph.output.extend(kept)
+
+
+def _per_sample(graph: GraphIndex, tensor: str) -> int | None:
+    shape = graph.shapes.get(tensor)
+    if shape is None or any(d is None for d in shape[1:]):
+        return None
+    return int(np.prod(shape[1:]))

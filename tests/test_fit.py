@@ -221,14 +221,14 @@ def test_each_node_runs_once_per_network(monkeypatch):
     import onnx_fskd.segments as segments
 
     runs: list[str] = []
-    original = segments.SegmentRunner._nodes_for
+    original = segments.SegmentRunner._run_segment
 
-    def counting(self, targets):
-        nodes = original(self, targets)
+    def counting(self, missing):  # the nodes a segment runs: those not run yet that the tensors need
+        nodes = self._nodes_for([segments._parse_sampled(name)[0] for name in missing])
         runs.extend(f"{id(self)}:{node.name}" for node in nodes)
-        return nodes
+        original(self, missing)
 
-    monkeypatch.setattr(segments.SegmentRunner, "_nodes_for", counting)
+    monkeypatch.setattr(segments.SegmentRunner, "_run_segment", counting)
     teacher = resnet_net()
     report = fit(teacher, perturbed(teacher, 0.3), Samples(random_inputs(teacher, 64))).report
     assert len(report.points) == 7

@@ -20,6 +20,7 @@ from onnx_fskd.points import find_points
 from onnx_fskd.probes import ProbeFeeds, StatsProbe, probe_blocker
 from onnx_fskd.runtime import make_session, run_batched
 from onnx_fskd.sampling import position_stride
+from onnx_fskd.segments import SegmentRunner
 from onnx_fskd.stats import GramStats, as_planes
 from test_fit import outputs, perturbed
 from transformer_builders import bert_block, nhwc_block
@@ -242,7 +243,7 @@ def sampled_rows(tensor: np.ndarray, stride: int) -> np.ndarray:
 def test_strided_probe_sums_the_sampled_positions(make, stride):
     """With a position stride s, the sums are those of output positions (s·i, s·j) exactly: the probe's
     conv copy runs with s times its strides (3×3 with padding, stride-2 convs, depthwise, 1×1
-    expansions summed from their input) and the target is sliced to match."""
+    expansions summed from their input sliced alike), against a target given on those positions."""
     model = make()
     graph = GraphIndex(model)
     feeds = inputs_for(model, 11)
@@ -253,7 +254,7 @@ def test_strided_probe_sums_the_sampled_positions(make, stride):
         y = got[point.output]
         t = (0.8 * y + 0.3 * np.random.default_rng(4).normal(size=y.shape) + 2.0).astype(np.float32)
         probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride)
-        stats = probe.accumulate(ProbeFeeds(got[point.input], t), [slice(0, 11)], 4)[0]
+        stats = probe.accumulate(ProbeFeeds(got[point.input], sampled_rows(t, stride)), [slice(0, 11)], 4)[0]
         want = reference(sampled_rows(y, stride), sampled_rows(t, stride), 1, point.channels, point.groups)
         assert stats.rows == 11 * -(-y.shape[2] // stride) * -(-y.shape[3] // stride)
         assert_close(stats, want, 1e-5)
@@ -291,7 +292,7 @@ def test_patch_probe_sums_match_im2col_in_float64(stride, sliced, monkeypatch):
         probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride,
                            full=full_form(point, graph).linear_map)
         assert (probe.order is not None) == sliced
-        stats = probe.accumulate(ProbeFeeds(got[point.input], t), [slice(0, 9)], 4)[0]
+        stats = probe.accumulate(ProbeFeeds(got[point.input], sampled_rows(t, stride)), [slice(0, 9)], 4)[0]
         assert_close(stats, patch_reference(point, graph, got[point.input], t, stride), 2e-5)
 
 
@@ -353,3 +354,46 @@ def test_fit_on_sampled_positions_stays_close_to_all_positions():
     assert {p.position_stride for p in every.report.points} == {1}
     assert sampled.report.after.relative_error < 0.5 * sampled.report.before.relative_error
     assert sampled.report.after.relative_error <= 1.1 * every.report.after.relative_error
+
+
+def inverted_residual_net(seed: int = 0) -> onnx.ModelProto:
+    """Stem, then a 6× 1×1 expansion, a depthwise 3×3 and a 1×1 projection added back to the stem."""
+    b = NetBuilder(seed)
+    stem = b.conv_bn_relu("stem", "input", 3, 8)
+    x = b.conv_bn_relu("expand", stem, 8, 48, k=1)
+    x = b.conv_bn_relu("dw", x, 48, 48, group=48)
+    x = b.node("Add", "add", [b.conv("project", x, 48, 8, k=1), stem])
+    x = b.node("Flatten", "flat", [b.node("GlobalAveragePool", "gap", [x])], axis=1)
+    return b.model(b.gemm("fc", x, 8, 10), (3, 12, 12), 10, "inverted_residual")
+
+
+def test_wide_inputs_are_recomputed_inside_the_probe(monkeypatch):
+    """The depthwise and projection points read the 6×-expanded tensor: their probes recompute it from
+    the cached narrow block input (with the expansion's fitted update folded in) instead of caching it,
+    and the fit is the same as with it cached. (The expansion's own input, the stem's 8 channels, is
+    2.7× the 3-channel image it comes from: recomputed too.)"""
+    teacher = inverted_residual_net()
+    student = perturbed(teacher, 0.3)
+    samples = Samples(random_inputs(teacher, 50))
+    recomputed: list[str] = []
+    side_graph = SegmentRunner.side_graph
+
+    def spy(runner, target):
+        side = side_graph(runner, target)
+        if side is not None:
+            recomputed.append(target)
+        return side
+
+    monkeypatch.setattr(SegmentRunner, "side_graph", spy)
+    config = FitConfig(solver="q", augment="none", reselect=False)
+    side = fit(teacher, student, samples, config)
+    names = {p.input: p.name for p in find_points(GraphIndex(student)).points}
+    assert sorted(names[t] for t in recomputed) == ["dw", "expand", "project"]
+    monkeypatch.setattr(SegmentRunner, "side_graph", lambda runner, target: None)
+    cached = fit(teacher, student, samples, config)
+    assert [p.status for p in side.report.points] == [p.status for p in cached.report.points]
+    assert side.adapters.keys() == cached.adapters.keys() and {"dw", "project"} <= side.adapters.keys()
+    for name, adapter in side.adapters.items():
+        np.testing.assert_allclose(adapter.q, cached.adapters[name].q, atol=1e-4)
+    assert side.report.exactness <= 1e-4 and side.report.consistency <= 1e-5
+    assert side.report.after.relative_error < 0.5 * side.report.before.relative_error
