@@ -20,6 +20,7 @@ from .errors import FskdError
 from .buffers import BufferPool
 from .fuse import ModelWriter, WeightUpdate, write_update
 from .graph import GraphIndex
+from .ops.base import attribute
 from .points import CorrectionPoint
 from .runtime import make_session, run_batched
 from .shapes import weightless_copy
@@ -30,6 +31,13 @@ _SAMPLED = "fskd/every{stride}/"
 # is recomputed inside each probe that reads it rather than cached for every sample; at most this many nodes.
 WIDENING = 2.0
 MAX_SIDE_NODES = 16
+# A sampled conv output is computed by a copy of the conv with s times its strides (the real conv keeps its
+# fused activation and ORT's blocked layout) when that copy costs at most this many multiply-adds per
+# output element of the real conv; else the real output is sliced (a layout reorder of the whole tensor).
+# MobileNet-like teacher with every point's output sampled: 0.71 s with copies, 1.4-1.8 s with slices, 0.47 s
+# for the plain forward (2-core CPU, 128 samples); ResNet-18 about the same either way.
+MAX_COPY_MACS = 64
+_PER_CHANNEL_OPS = ("BatchNormalization", "Add", "Sub", "Mul", "Div")
 
 
 def sampled_name(tensor: str, stride: int) -> str:
@@ -149,7 +157,7 @@ class SegmentRunner:
             raise FskdError(f"cannot cut a sub-graph at {(outputs + bases)[0]}: {exc}") from None
         segment.ir_version = self.ir_version
         self._write_folded(segment, {node.name for node in nodes})
-        _add_sampled_outputs(segment, sampled, bases)
+        _add_sampled_outputs(segment, sampled, bases, self.graph)
         outputs += list(sampled)
         session = make_session(segment, self.providers, exact=True)
         feeds = {name: self.cache[name] for name in inputs}
@@ -190,19 +198,25 @@ class SegmentRunner:
             self.buffers.retire(self.cache.pop(name))
 
 
-def _add_sampled_outputs(segment: onnx.ModelProto, sampled: dict[str, tuple[str, int]], bases: list[str]) -> None:
-    """Slice nodes for the sampled outputs; tensors cut only to be sampled stop being outputs."""
+def _add_sampled_outputs(segment: onnx.ModelProto, sampled: dict[str, tuple[str, int]], bases: list[str],
+                         graph_index: GraphIndex) -> None:
+    """Nodes for the sampled outputs (a strided copy of the producing conv, or a Slice); tensors cut only to
+    be sampled stop being outputs."""
     graph = segment.graph
     end = np.iinfo(np.int64).max
     types = {output.name: output.type.tensor_type.elem_type for output in graph.output}
     for name, (tensor, stride) in sampled.items():
+        graph.output.append(onnx.helper.make_tensor_value_info(name, types[tensor], None))
+        recipe = _strided_recipe(graph_index, tensor, stride)
+        if recipe is not None:
+            graph.node.extend(_strided_copy(recipe, name, stride))
+            continue
         constants = [onnx.numpy_helper.from_array(np.array(value, np.int64), f"{name}/{role}")
                      for role, value in (("starts", [0, 0]), ("ends", [end, end]), ("axes", [2, 3]),
                                          ("steps", [stride, stride]))]
         graph.initializer.extend(constants)
         graph.node.append(onnx.helper.make_node("Slice", [tensor] + [c.name for c in constants], [name],
                                                 name=f"{name}/slice"))
-        graph.output.append(onnx.helper.make_tensor_value_info(name, types[tensor], None))
     kept = [output for output in graph.output if output.name not in bases]
     del graph.output[:]
     graph.output.extend(kept)
@@ -213,3 +227,50 @@ def _per_sample(graph: GraphIndex, tensor: str) -> int | None:
     if shape is None or any(d is None for d in shape[1:]):
         return None
     return int(np.prod(shape[1:]))
+
+
+def _strided_recipe(graph: GraphIndex, tensor: str, stride: int) -> list[onnx.NodeProto] | None:
+    """The conv and per-channel constant ops (BN, Add/Sub/Mul/Div by a per-channel constant) that produce
+    ``tensor``, conv first, when a copy of them with s times the conv's strides is cheap (MAX_COPY_MACS);
+    else None."""
+    chain: list[onnx.NodeProto] = []
+    node = graph.producer.get(tensor)
+    while node is not None and node.op_type in _PER_CHANNEL_OPS and len(chain) < 4:
+        computed = [name for name in node.input if name and not graph.is_constant(name)]
+        if len(computed) != 1 or any(graph.is_constant(name) and graph.constant(name).size > _channels(graph, tensor)
+                                     for name in node.input if name):
+            return None
+        chain.insert(0, node)
+        node = graph.producer.get(computed[0])
+    if node is None or node.op_type != "Conv" or len(node.input) < 2 or not graph.is_constant(node.input[1]):
+        return None
+    if attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        return None
+    if int(np.prod(graph.constant(node.input[1]).shape[1:])) > MAX_COPY_MACS * stride * stride:
+        return None
+    return [node] + chain
+
+
+def _channels(graph: GraphIndex, tensor: str) -> int:
+    shape = graph.shapes.get(tensor)
+    return int(shape[1]) if shape and len(shape) > 1 and shape[1] else 1
+
+
+def _strided_copy(recipe: list[onnx.NodeProto], output: str, stride: int) -> list[onnx.NodeProto]:
+    """Copies of the recipe's nodes writing ``output``; the conv with s times its strides, pads unchanged."""
+    copies, renamed = [], {}
+    for index, node in enumerate(recipe):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{output}/copy{index}"
+        copy.input[:] = [renamed.get(name, name) for name in copy.input]
+        renamed[node.output[0]] = f"{output}/t{index}" if index < len(recipe) - 1 else output
+        del copy.output[:]
+        copy.output.append(renamed[node.output[0]])
+        if index == 0:
+            strides = attribute(node, "strides", [1, 1])
+            kept = [a for a in copy.attribute if a.name != "strides"]
+            del copy.attribute[:]
+            copy.attribute.extend(kept + [onnx.helper.make_attribute("strides", [v * stride for v in strides])])
+        copies.append(copy)
+    return copies
