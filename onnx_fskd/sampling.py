@@ -4,8 +4,9 @@ A 56×56 map gives 3136 least-squares rows per sample, and neighbouring position
 correlated, while a fit with F features needs a few dozen rows per feature, not thousands. Reading
 every s-th row and column cuts the statistics work s²-fold (the statistics-only copy of the conv runs
 with s times its strides and the teacher's tensors are sliced with step s), as long as each sample
-still gives a grid of at least ``MIN_GRID`` positions and the fit samples at least
-``ROWS_PER_FEATURE`` rows per feature. Everything else (the segments, the written model, the
+still gives a grid of at least ``MIN_GRID`` positions, the fit samples at least ``ROWS_PER_FEATURE``
+rows per feature and at least ``MIN_ROWS`` rows in all (below that the sums are cheap anyway: small
+fits, like the shipped MNIST samples' 80 digits × 784 positions, keep every row). Everything else (the segments, the written model, the
 verification) runs on every position. BENCHMARKS.md, "Fit cost", measures speed and accuracy of both."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ POSITIONS = ("auto", "all")
 MAX_STRIDE = 4
 MIN_GRID = 196            # a 14×14 grid per sample at least
 ROWS_PER_FEATURE = 64     # over the fit samples, per feature of the solve
+MIN_ROWS = 1 << 15        # over the fit samples, in all
 
 
 def position_stride(option: str, point: CorrectionPoint, graph: GraphIndex, features: int, fit_samples: int) -> int:
@@ -40,7 +42,7 @@ def position_stride(option: str, point: CorrectionPoint, graph: GraphIndex, feat
     stride = 1
     for candidate in range(2, MAX_STRIDE + 1):
         grid = math.ceil(height / candidate) * math.ceil(width / candidate)
-        if grid < MIN_GRID or fit_samples * grid < ROWS_PER_FEATURE * (features + 1):
+        if grid < MIN_GRID or fit_samples * grid < max(ROWS_PER_FEATURE * (features + 1), MIN_ROWS):
             break
         stride = candidate
     return stride

@@ -338,8 +338,9 @@ def test_position_stride_keeps_a_grid_and_enough_rows_per_feature():
     assert stride("small", 1000) == 1     # 8×8 is under the grid already
     assert stride("fc", 1000) == 1        # not a conv
     assert stride("wide", 1000, "all") == 1
-    assert stride("wide", 4, features=99) == 1   # 4·32² rows < 64 rows per feature × 100
-    assert stride("wide", 8, features=99) == 2   # 8·32² rows suffice, 8·22² do not
+    assert stride("wide", 100, features=1999) == 1  # 100·32² rows < 64 rows per feature × 2000
+    assert stride("wide", 64, features=99) == 2    # 64·32² rows suffice, 64·22² are under 2¹⁵ in all
+    assert stride("wide", 16) == 1                 # 16·32² rows: under 2¹⁵, every row is kept
 
 
 def test_fit_on_sampled_positions_stays_close_to_all_positions():
