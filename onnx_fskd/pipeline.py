@@ -238,10 +238,9 @@ def _analyse(teacher: onnx.ModelProto, student: onnx.ModelProto, config: FitConf
 
 @dataclass(frozen=True)
 class _Choice:
-    """How a point is fitted, decided before the loop (the teacher is fetched ahead by it): the solver,
-    the full solver's form of the point (None for q) and the stride of the positions its sums read."""
+    """How a point is fitted, decided before the loop (the teacher is fetched ahead by it): the full
+    solver's form of the point (None: the q solver) and the stride of the positions its sums read."""
 
-    solver: str
     form: FullForm | None
     stride: int
 
@@ -255,13 +254,11 @@ def _teacher_tensors(point: CorrectionPoint, with_skip: bool) -> list[str]:
 
 
 def _choose(pair: PointPair, graph: GraphIndex, config: FitConfig, fit_count: int) -> _Choice:
+    """``full`` where the solver policy picks it and the point has the full solver's form, else ``q``."""
     s = pair.student
-    solver = choose_solver(config.solver, s, graph, fit_count)
-    form = full_form(s, graph) if solver == "full" else None
-    if form is None:
-        solver = "q"  # the full solver's form does not hold here (correct.full_form)
+    form = full_form(s, graph) if choose_solver(config.solver, s, graph, fit_count) == "full" else None
     features = s.group_size if form is None else form.current.shape[0] - 1
-    return _Choice(solver, form, position_stride(config.stats_positions, s, graph, features, fit_count))
+    return _Choice(form, position_stride(config.stats_positions, s, graph, features, fit_count))
 
 
 def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, providers: list[str],

@@ -13,7 +13,11 @@ residual ``D = T − Y`` per diagonal block:
   keeps the float32 rounding proportional to the student's error, not to the activations, which is
   what the held-out guard needs when the student is already close.
 
-An optional 0/1 row weight (``attention_mask`` for token rows) drops padded rows from every sum."""
+An optional 0/1 row weight (``attention_mask`` for token rows) drops padded rows from every sum. For
+the full solver the sums are those of the op's input patches (im2col as strided slices of the padded
+input) against the target instead. A conv's sums may read every s-th row and column of its output only
+(sampling.py): the copy of the op then runs with s times its strides. A wide input (an expansion's
+output) is not fed but recomputed by a prefix of the student inside the probe (SegmentRunner.side_graph)."""
 
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ from .stats import GramStats
 _X, _T, _T_SKIP, _S_SKIP, _MASK = "fskd/x", "fskd/t", "fskd/t_skip", "fskd/s_skip", "fskd/mask"
 # Positions per sample from which per-sample Gram products beat one relayout into a long row axis.
 _PER_SAMPLE_POSITIONS = 1024
-# x: the point's output y, or its input when y = A·x + b is cheaper to rebuild on the host (input_map).
+# x: the point's output y, its input when y = A·x + b is cheaper to rebuild on the host (input_map), or
+# its input patches for the full solver.
 # s·: the per-channel shift; S·: per-sample sums of shifted values; G··: Gram products; Qd: Σ(d − s_d)².
 _OUTPUTS = ("shape", "rows", "sx", "Sx", "Gxx", "sd", "Sd", "Gxd", "Qd")
 

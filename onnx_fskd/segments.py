@@ -125,8 +125,7 @@ class SegmentRunner:
                          if i and i not in produced and not self.graph.is_constant(i)})
         if not nodes or len(nodes) > MAX_SIDE_NODES or any(name not in self.cache for name in inputs):
             return None
-        size = lambda name: int(np.prod(self.cache[name].shape[1:])) if name in self.cache else _per_sample(self.graph, name)  # noqa: E731
-        wide, narrow = size(target), sum(size(name) for name in inputs)
+        wide, narrow = _per_sample(self.graph, target), sum(int(np.prod(self.cache[name].shape[1:])) for name in inputs)
         if wide is None or wide < WIDENING * narrow:
             return None
         try:
@@ -223,6 +222,7 @@ def _add_sampled_outputs(segment: onnx.ModelProto, sampled: dict[str, tuple[str,
 
 
 def _per_sample(graph: GraphIndex, tensor: str) -> int | None:
+    """Elements per sample of a tensor, when shape inference knows them."""
     shape = graph.shapes.get(tensor)
     if shape is None or any(d is None for d in shape[1:]):
         return None
