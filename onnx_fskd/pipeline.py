@@ -26,7 +26,7 @@ from .metrics import choose_metric, compare, padding_mask, relative_error
 from .normalize import Normalised, normalise, normalise_for_merge
 from .pairing import ChannelMapper, PointPair, match_activations, pair_points, read_map
 from .points import CorrectionPoint, find_points
-from .probes import ProbeFeeds, StatsProbe, probe_blocker
+from .probes import ProbeFeeds, StatsProbe, probe_blocker, probe_reads_output
 from .report import HELD_OUT, IN_SAMPLE, FitReport, OutputMetrics
 from .reselect import Reselection, reselect_channels, updated_map
 from .sampling import POSITIONS, position_stride, sample_positions
@@ -295,16 +295,18 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
             kept, how = known
             pair = PointPair(t, s, pair.source, kept)
             mapper.record(pair)
-            # A wide input is recomputed inside the probe, never cached (not with a fixed batch size: the
-            # probe's batches follow the fit/held-out split, not the model's batch).
-            side = s_run.side_graph(s.input) if fixed_batch is None else None
-            x_names = [i.name for i in side.graph.input] if side is not None else [s.input]
+            # The probe reads the point's output where recomputing the op would cost more than applying Q
+            # to it afterwards; else its input, and a wide input is recomputed inside the probe, never
+            # cached (not with a fixed batch size: the probe's batches follow the fit/held-out split).
+            fed = form is None and probe_reads_output(s, plan.s_graph, stride)
+            side = s_run.side_graph(s.input) if fixed_batch is None and not fed else None
+            x_names = [i.name for i in side.graph.input] if side is not None else [s.output if fed else s.input]
             s_out = s_run.compute(x_names + ([s.residual_skip] if use_sum else []))
             t_out = t_run.compute(t_names, prefetch=prefetch)
             mask = _row_mask(s, plan.s_graph, samples)
             probe = StatsProbe(s, plan.s_graph, kept, t.channels, providers, use_sum, use_sum, mask is not None,
-                               stride, form.linear_map if form is not None else None, side)
-            feeds = ProbeFeeds({name: s_out[name] for name in x_names} if side is not None else s_out[s.input],
+                               stride, form.linear_map if form is not None else None, side, fed)
+            feeds = ProbeFeeds({name: s_out[name] for name in x_names} if side is not None else s_out[x_names[0]],
                                t_out[t_names[0]], t_out[t_names[1]] if use_sum else None,
                                s_out[s.residual_skip] if use_sum else None, mask)
             stats = probe.accumulate(feeds, [rows.fit, rows.held], config.batch_size)
@@ -317,7 +319,11 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
             report.points.append(point_fit.report)
             if point_fit.update is not None:
                 fits.append((s, point_fit))
-                if config.mode == "sequential":
+                if config.mode == "sequential" and fed:  # the output ran uncorrected: Q·y + d, as fit_adapter
+                    out = s_run.buffers.empty(s_out[s.output].shape, s_out[s.output].dtype)
+                    s_run.replace(s.output, point_fit.adapter.apply(s_out[s.output], s.channel_axis, out))
+                    del out
+                elif config.mode == "sequential":
                     s_run.fold(s, point_fit.update)
             del s_out, t_out, feeds, probe  # the probe session holds its arena of batch intermediates
             _after_point(index, pairs, choices, s, t, t_run, fitted_outputs, progress, with_skips)

@@ -369,10 +369,10 @@ def inverted_residual_net(seed: int = 0) -> onnx.ModelProto:
 
 
 def test_wide_inputs_are_recomputed_inside_the_probe(monkeypatch):
-    """The depthwise and projection points read the 6×-expanded tensor: their probes recompute it from
-    the cached narrow block input (with the expansion's fitted update folded in) instead of caching it,
-    and the fit is the same as with it cached. (The expansion's own input, the stem's 8 channels, is
-    2.7× the 3-channel image it comes from: recomputed too.)"""
+    """The depthwise point reads the 6×-expanded tensor: its probe recomputes it from the cached narrow
+    block input (with the expansion's fitted update folded in) instead of caching it, and the fit is the
+    same as with it cached. (The expansion's own input, the stem's 8 channels, is 2.7× the 3-channel
+    image it comes from: recomputed too; the projection reads its own, narrow, output.)"""
     teacher = inverted_residual_net()
     student = perturbed(teacher, 0.3)
     samples = Samples(random_inputs(teacher, 50))
@@ -389,7 +389,7 @@ def test_wide_inputs_are_recomputed_inside_the_probe(monkeypatch):
     config = FitConfig(solver="q", augment="none", reselect=False)
     side = fit(teacher, student, samples, config)
     names = {p.input: p.name for p in find_points(GraphIndex(student)).points}
-    assert sorted(names[t] for t in recomputed) == ["dw", "expand", "project"]
+    assert sorted(names[t] for t in recomputed) == ["dw", "expand"]
     monkeypatch.setattr(SegmentRunner, "side_graph", lambda runner, target: None)
     cached = fit(teacher, student, samples, config)
     assert [p.status for p in side.report.points] == [p.status for p in cached.report.points]
@@ -398,3 +398,24 @@ def test_wide_inputs_are_recomputed_inside_the_probe(monkeypatch):
         np.testing.assert_allclose(adapter.q, cached.adapters[name].q, atol=1e-4)
     assert side.report.exactness <= 1e-4 and side.report.consistency <= 1e-5
     assert side.report.after.relative_error < 0.5 * side.report.before.relative_error
+
+
+@pytest.mark.parametrize("make", [resnet_net, inverted_residual_net])
+def test_probe_fed_the_output_fits_as_the_probe_that_recomputes_it(make, monkeypatch):
+    """3×3 convs on small maps and projections: the segment computes the point's output uncorrected, the
+    probe reads it, and Q is applied to it afterwards; the same fit as recomputing the op in the probe."""
+    teacher = make()
+    student = perturbed(teacher, 0.3)
+    samples = Samples(random_inputs(teacher, 50))
+    graph = GraphIndex(student)
+    fed = [p.name for p in find_points(graph).points if probes.probe_reads_output(p, graph, 1)]
+    assert fed
+    config = FitConfig(solver="q", augment="none", reselect=False)
+    reading = fit(teacher, student, samples, config)
+    monkeypatch.setattr(pipeline, "probe_reads_output", lambda point, graph, stride: False)
+    recomputing = fit(teacher, student, samples, config)
+    assert [p.status for p in reading.report.points] == [p.status for p in recomputing.report.points]
+    assert set(fed) <= reading.adapters.keys() == recomputing.adapters.keys()
+    for name, adapter in reading.adapters.items():
+        np.testing.assert_allclose(adapter.q, recomputing.adapters[name].q, atol=1e-4)
+    assert reading.report.exactness <= 1e-4 and reading.report.consistency <= 1e-5
