@@ -272,19 +272,30 @@ def patch_reference(point, graph, x: np.ndarray, t: np.ndarray, stride: int) -> 
     return stats
 
 
+def wide_patch_net() -> onnx.ModelProto:
+    """3×3 convs over 64 and 128 channels: 576 and 1152 patch features, Grams computed in blocks."""
+    b = NetBuilder(5)
+    x = b.conv("c64", "input", 64, 128)
+    x = b.conv("c128", b.node("Relu", "r", [x]), 128, 8, stride=2)
+    x = b.node("Flatten", "flat", [b.node("GlobalAveragePool", "gap", [x])], axis=1)
+    return b.model(b.gemm("fc", x, 8, 4), (64, 6, 6), 4, "wide_patch")
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("sliced", [True, False])
-def test_patch_probe_sums_match_im2col_in_float64(stride, sliced, monkeypatch):
+@pytest.mark.parametrize("make", [resnet_net, wide_patch_net])
+def test_patch_probe_sums_match_im2col_in_float64(make, stride, sliced, monkeypatch):
     """The full solver's sums of [x 1] (x: im2col patches, cut by strided slices of the padded input, or
     by a one-hot conv when the output size is unknown) against the target, as NumPy's float64 im2col
-    gives them, through padding, strides and the residual sum target."""
-    model = resnet_net()
+    gives them, through padding, strides, the residual sum target and Grams put together from blocks."""
+    model = make()
     graph = GraphIndex(model)
     feeds = inputs_for(model, 9)
     if not sliced:
         monkeypatch.setattr(probes, "_conv_output_size", lambda point, graph: None)
     points = [p for p in find_points(graph).points if p.op_type == "Conv" and full_form(p, graph) is not None]
-    assert any(graph.node_by_name[p.name].attribute and p.residual_skip for p in points)
+    if make is resnet_net:
+        assert any(graph.node_by_name[p.name].attribute and p.residual_skip for p in points)
     for point in points:
         got = tensors(model, feeds, [point.input, point.output])
         y = got[point.output]
@@ -292,6 +303,8 @@ def test_patch_probe_sums_match_im2col_in_float64(stride, sliced, monkeypatch):
         probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride,
                            full=full_form(point, graph).linear_map)
         assert (probe.order is not None) == sliced
+        features = full_form(point, graph).current.shape[0] - 1
+        assert ("Gxx/0/1" in probe.outputs) == (features >= 512) and ("Gxx/3/3" in probe.outputs) == (features >= 1024)
         stats = probe.accumulate(ProbeFeeds(got[point.input], sampled_rows(t, stride)), [slice(0, 9)], 4)[0]
         assert_close(stats, patch_reference(point, graph, got[point.input], t, stride), 2e-5)
 
