@@ -58,7 +58,7 @@ _DEFAULTS = FitConfig()
               help="q: the paper's C×C map after each op (fast); full: refit each op's whole weight from its "
                    "input patches (recovers more, statistics cost ~k²·C_in/C_out times q's); auto: "
                    "full where that cost is at most 16× the layer's, q elsewhere (on ImageNet-size nets "
-                   "1.2–3× the fit time of q: use q when time matters).")
+                   "1–3× the fit time of q: use q when time matters).")
 @click.option("--stats-positions", type=click.Choice(["auto", "all"]), default=_DEFAULTS.stats_positions,
               show_default=True,
               help="auto: a conv's statistics read every 2nd–4th row and column of its output map where that "
