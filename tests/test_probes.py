@@ -253,11 +253,14 @@ def test_strided_probe_sums_the_sampled_positions(make, stride):
         got = tensors(model, feeds, [point.input, point.output])
         y = got[point.output]
         t = (0.8 * y + 0.3 * np.random.default_rng(4).normal(size=y.shape) + 2.0).astype(np.float32)
-        probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride)
-        stats = probe.accumulate(ProbeFeeds(got[point.input], sampled_rows(t, stride)), [slice(0, 11)], 4)[0]
         want = reference(sampled_rows(y, stride), sampled_rows(t, stride), 1, point.channels, point.groups)
-        assert stats.rows == 11 * -(-y.shape[2] // stride) * -(-y.shape[3] // stride)
-        assert_close(stats, want, 1e-5)
+        for fed in (False, True):  # the probe computes the output from the input, or is fed the output
+            probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride,
+                               fed_output=fed)
+            stats = probe.accumulate(ProbeFeeds(y if fed else got[point.input], sampled_rows(t, stride)),
+                                     [slice(0, 11)], 4)[0]
+            assert stats.rows == 11 * -(-y.shape[2] // stride) * -(-y.shape[3] // stride)
+            assert_close(stats, want, 1e-5)
 
 
 def patch_reference(point, graph, x: np.ndarray, t: np.ndarray, stride: int) -> GramStats:
