@@ -49,6 +49,18 @@ class GraphIndex:
         """Tensor shapes from onnx shape inference (symbolic dimensions as None)."""
         return infer_tensor_shapes(self.model)
 
+    @cached_property
+    def opset(self) -> int | None:
+        """The default (ai.onnx) domain's opset version, or None when the model imports none."""
+        return next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+    def per_sample(self, tensor: str) -> int | None:
+        """Elements per sample of a tensor, when shape inference knows all of its dimensions past the batch."""
+        shape = self.shapes.get(tensor)
+        if shape is None or any(d is None for d in shape[1:]):
+            return None
+        return int(np.prod(shape[1:], dtype=np.int64))
+
     def ancestors(self, tensor: str) -> set[str]:
         """Names of all nodes the tensor depends on."""
         seen: set[str] = set()

@@ -31,6 +31,7 @@ from threadpoolctl import threadpool_limits
 from .graph import GraphIndex
 from .points import CorrectionPoint
 from .runtime import make_session
+from .sampling import grid_slice, strided_copies
 from .solver_policy import patch_features
 from .stats import GramStats
 
@@ -88,18 +89,11 @@ def probe_reads_output(point: CorrectionPoint, graph: GraphIndex, stride: int) -
     ResNet-18, 256 samples: probes 5.2 s → 2.2 s, the fit 25.2 s → 23.0 s."""
     if point.op_type != "Conv" or point.channel_axis != 1 or point.rank != 4:
         return False
-    size_in, size_out = _per_sample(graph, point.input), _per_sample(graph, point.output)
+    size_in, size_out = graph.per_sample(point.input), graph.per_sample(point.output)
     if size_in is None or size_out is None:
         return False
     macs_per_output = int(np.prod(graph.shapes[point.weight][1:]))
     return size_out <= size_in and macs_per_output / stride ** 2 > 2 * max(point.group_size, _CHEAP_COPY)
-
-
-def _per_sample(graph: GraphIndex, tensor: str) -> int | None:
-    shape = graph.shapes.get(tensor)
-    if shape is None or any(d is None for d in shape[1:]):
-        return None
-    return int(np.prod(shape[1:]))
 
 
 def input_map(point: CorrectionPoint, graph: GraphIndex) -> tuple[np.ndarray, np.ndarray] | None:
@@ -275,30 +269,18 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     skip (and a 1×1 op's input) are sliced here. ``prefix``: a sub-graph of the student that computes
     the point's input from cached tensors (SegmentRunner.side_graph), run first inside the probe so a
     wide input never leaves the runtime."""
-    opset = next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    g = _Builder(opset, _X if prefix is None else point.input)
+    g = _Builder(graph.opset or 13, _X if prefix is None else point.input)
     if prefix is not None:
         g.nodes.extend(prefix.graph.node)
         g.initializers.extend(prefix.graph.initializer)
     # The statistics-only copy of op + chain, reading the probe's input (none when the output is fed).
-    renamed = {point.input: g.x}
-    constants: set[str] = set()
-    for index, node in enumerate(_point_nodes(point, graph) if source != "fed" else []):
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = f"fskd/copy{index}"
-        for slot, name in enumerate(copy.input):
-            if name in renamed:
-                copy.input[slot] = renamed[name]
-            elif name:
-                constants.add(name)
-        renamed[node.output[0]] = copy.output[0] = f"fskd/y{index}"
-        del copy.output[1:]
-        if index == 0 and stride > 1:
-            _scale_strides(copy, stride)
-        g.nodes.append(copy)
+    nodes = _point_nodes(point, graph) if source != "fed" else []
+    copy_outputs = [f"fskd/y{index}" for index in range(len(nodes))]
+    copies = strided_copies(nodes, copy_outputs, stride, "fskd/copy", {point.input: g.x})
+    g.nodes.extend(copies)
+    constants = {name for copy in copies for name in copy.input if name and name != g.x and name not in copy_outputs}
     sampled = (lambda name: g.sampled(name, stride)) if stride > 1 else (lambda name: name)
-    y = sampled(g.x) if source == "fed" else renamed[point.output]
+    y = sampled(g.x) if source == "fed" else copy_outputs[-1]
     present = {t.name for t in g.initializers}  # a prefix may hold some of the point's constants already
     g.initializers.extend(graph.model.graph.initializer[i] for i in _initializer_positions(graph, constants - present))
     axis = point.channel_axis
@@ -363,7 +345,7 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
         [helper.make_tensor_value_info(name, TensorProto.INT64 if name == "shape" else TensorProto.FLOAT, None)
          for name in outputs],
         g.initializers)
-    return helper.make_model(graph_proto, ir_version=graph.model.ir_version, opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_model(graph_proto, ir_version=graph.model.ir_version, opset_imports=[helper.make_opsetid("", g.opset)])
 
 
 def _positions(shape: tuple | None, axis: int, stride: int = 1) -> int | None:
@@ -443,14 +425,6 @@ def _conv_attributes(conv: onnx.NodeProto, stride: int) -> dict:
     return attributes
 
 
-def _scale_strides(conv: onnx.NodeProto, stride: int) -> None:
-    """The conv computes output positions (s·i, s·j) only: its strides times s, pads unchanged."""
-    strides = next((list(a.ints) for a in conv.attribute if a.name == "strides"), [1, 1])
-    kept = [a for a in conv.attribute if a.name != "strides"]
-    del conv.attribute[:]
-    conv.attribute.extend(kept + [helper.make_attribute("strides", [v * stride for v in strides])])
-
-
 def _initializer_positions(graph: GraphIndex, names: set[str]) -> list[int]:
     return [i for i, t in enumerate(graph.model.graph.initializer) if t.name in names]
 
@@ -493,11 +467,10 @@ class _Builder:
 
     def sampled(self, tensor: str, stride: int) -> str:
         """Every ``stride``-th row and column of an (N, C, H, W) tensor."""
-        end = np.iinfo(np.int64).max
-        return self.op("Slice", tensor, self.const(f"starts{len(self.initializers)}", np.array([0, 0])),
-                       self.const(f"ends{len(self.initializers)}", np.array([end, end])),
-                       self.const(f"axes{len(self.initializers)}", np.array([2, 3])),
-                       self.const(f"steps{len(self.initializers)}", np.array([stride, stride])))
+        node, constants = grid_slice(tensor, f"fskd/t{len(self.nodes)}", stride)
+        self.nodes.append(node)
+        self.initializers.extend(constants)
+        return node.output[0]
 
     def rows(self, planes: str) -> str:
         """(N, B, k, L) → (B, k, N·L)."""

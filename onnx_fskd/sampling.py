@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
 from .graph import GraphIndex
 from .ops.base import attribute
@@ -31,7 +33,7 @@ def position_stride(option: str, point: CorrectionPoint, graph: GraphIndex, feat
     and for anything but a 2-D channels-first conv with explicit padding and known output size."""
     if option == "all" or point.op_type != "Conv" or point.rank != 4 or point.channel_axis != 1:
         return 1
-    if next((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")), 1) < 10:
+    if (graph.opset or 1) < 10:
         return 1  # Slice takes steps from opset 10
     if attribute(graph.node_by_name[point.name], "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
         return 1
@@ -51,3 +53,37 @@ def position_stride(option: str, point: CorrectionPoint, graph: GraphIndex, feat
 def sample_positions(tensor: np.ndarray, stride: int) -> np.ndarray:
     """Every ``stride``-th row and column of an (N, C, H, W) tensor, as a view (the tensor for 1)."""
     return tensor if stride == 1 else tensor[:, :, ::stride, ::stride]
+
+
+def grid_slice(tensor: str, output: str, stride: int) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A Slice node (and its constants, named after ``output``) writing every ``stride``-th row and column
+    of an (N, C, H, W) tensor: sample_positions inside a graph."""
+    end = np.iinfo(np.int64).max
+    constants = [numpy_helper.from_array(np.array(value, np.int64), f"{output}/{role}")
+                 for role, value in (("starts", [0, 0]), ("ends", [end, end]), ("axes", [2, 3]),
+                                     ("steps", [stride, stride]))]
+    return helper.make_node("Slice", [tensor] + [c.name for c in constants], [output], name=f"{output}/slice"), constants
+
+
+def strided_copies(nodes: list[onnx.NodeProto], outputs: list[str], stride: int, prefix: str,
+                   inputs: dict[str, str] | None = None) -> list[onnx.NodeProto]:
+    """Copies of a conv (first) and the per-position ops after it, node i writing ``outputs[i]`` and each
+    reading its predecessor's copy (and ``inputs``' renames), named ``prefix``0, 1, …: the conv with s
+    times its strides and pads unchanged, so the chain computes output positions (s·i, s·j) only."""
+    renamed = dict(inputs or {})
+    copies = []
+    for index, (node, output) in enumerate(zip(nodes, outputs)):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{prefix}{index}"
+        copy.input[:] = [renamed.get(name, name) for name in copy.input]
+        renamed[node.output[0]] = output
+        del copy.output[:]
+        copy.output.append(output)
+        if index == 0 and stride > 1:
+            strides = attribute(node, "strides", [1, 1])
+            kept = [a for a in copy.attribute if a.name != "strides"]
+            del copy.attribute[:]
+            copy.attribute.extend(kept + [helper.make_attribute("strides", [v * stride for v in strides])])
+        copies.append(copy)
+    return copies

@@ -23,6 +23,7 @@ from .graph import GraphIndex
 from .ops.base import attribute
 from .points import CorrectionPoint
 from .runtime import make_session, run_batched
+from .sampling import grid_slice, sample_positions, strided_copies
 from .shapes import weightless_copy
 
 
@@ -86,7 +87,7 @@ class SegmentRunner:
         for name in missing:  # sampled views of tensors already cached: sliced here
             tensor, stride = _parse_sampled(name)
             if stride > 1 and tensor in self.cache:
-                self.cache[name] = np.ascontiguousarray(self.cache[tensor][:, :, ::stride, ::stride])
+                self.cache[name] = np.ascontiguousarray(sample_positions(self.cache[tensor], stride))
         missing = [name for name in missing if name not in self.cache]
         if missing:
             self._run_segment(missing)
@@ -125,7 +126,7 @@ class SegmentRunner:
                          if i and i not in produced and not self.graph.is_constant(i)})
         if not nodes or len(nodes) > MAX_SIDE_NODES or any(name not in self.cache for name in inputs):
             return None
-        wide, narrow = _per_sample(self.graph, target), sum(int(np.prod(self.cache[name].shape[1:])) for name in inputs)
+        wide, narrow = self.graph.per_sample(target), sum(int(np.prod(self.cache[name].shape[1:])) for name in inputs)
         if wide is None or wide < WIDENING * narrow:
             return None
         try:
@@ -202,31 +203,20 @@ def _add_sampled_outputs(segment: onnx.ModelProto, sampled: dict[str, tuple[str,
     """Nodes for the sampled outputs (a strided copy of the producing conv, or a Slice); tensors cut only to
     be sampled stop being outputs."""
     graph = segment.graph
-    end = np.iinfo(np.int64).max
     types = {output.name: output.type.tensor_type.elem_type for output in graph.output}
     for name, (tensor, stride) in sampled.items():
         graph.output.append(onnx.helper.make_tensor_value_info(name, types[tensor], None))
         recipe = _strided_recipe(graph_index, tensor, stride)
         if recipe is not None:
-            graph.node.extend(_strided_copy(recipe, name, stride))
+            outputs = [f"{name}/t{index}" for index in range(len(recipe) - 1)] + [name]
+            graph.node.extend(strided_copies(recipe, outputs, stride, f"{name}/copy"))
             continue
-        constants = [onnx.numpy_helper.from_array(np.array(value, np.int64), f"{name}/{role}")
-                     for role, value in (("starts", [0, 0]), ("ends", [end, end]), ("axes", [2, 3]),
-                                         ("steps", [stride, stride]))]
+        node, constants = grid_slice(tensor, name, stride)
         graph.initializer.extend(constants)
-        graph.node.append(onnx.helper.make_node("Slice", [tensor] + [c.name for c in constants], [name],
-                                                name=f"{name}/slice"))
+        graph.node.append(node)
     kept = [output for output in graph.output if output.name not in bases]
     del graph.output[:]
     graph.output.extend(kept)
-
-
-def _per_sample(graph: GraphIndex, tensor: str) -> int | None:
-    """Elements per sample of a tensor, when shape inference knows them."""
-    shape = graph.shapes.get(tensor)
-    if shape is None or any(d is None for d in shape[1:]):
-        return None
-    return int(np.prod(shape[1:]))
 
 
 def _strided_recipe(graph: GraphIndex, tensor: str, stride: int) -> list[onnx.NodeProto] | None:
@@ -255,22 +245,3 @@ def _channels(graph: GraphIndex, tensor: str) -> int:
     shape = graph.shapes.get(tensor)
     return int(shape[1]) if shape and len(shape) > 1 and shape[1] else 1
 
-
-def _strided_copy(recipe: list[onnx.NodeProto], output: str, stride: int) -> list[onnx.NodeProto]:
-    """Copies of the recipe's nodes writing ``output``; the conv with s times its strides, pads unchanged."""
-    copies, renamed = [], {}
-    for index, node in enumerate(recipe):
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = f"{output}/copy{index}"
-        copy.input[:] = [renamed.get(name, name) for name in copy.input]
-        renamed[node.output[0]] = f"{output}/t{index}" if index < len(recipe) - 1 else output
-        del copy.output[:]
-        copy.output.append(renamed[node.output[0]])
-        if index == 0:
-            strides = attribute(node, "strides", [1, 1])
-            kept = [a for a in copy.attribute if a.name != "strides"]
-            del copy.attribute[:]
-            copy.attribute.extend(kept + [onnx.helper.make_attribute("strides", [v * stride for v in strides])])
-        copies.append(copy)
-    return copies

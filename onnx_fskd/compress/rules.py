@@ -299,7 +299,7 @@ def transpose(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
 def softmax(t: Tracer, node: onnx.NodeProto, c: Carrier) -> list[str]:
     """Softmax over another axis (attention scores carrying heads on axis 1) keeps channels apart."""
     data, out = node.input[0], node.output[0]
-    opset = next((o.version for o in t.graph.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    opset = t.graph.opset or 13
     axis = int(attribute(node, "axis", -1 if opset >= 13 else 1))
     axis = axis + c.rank if axis < 0 else axis
     # Before opset 13 the input is coerced to 2-D at ``axis``: only axes before it stay apart.
