@@ -1,7 +1,7 @@
 """Fit wall time against one teacher forward + one student forward over the same samples.
 
     python bench/fit_cost.py [--net resnet18|mobilenet] [--samples 256] [--batch 32] [--solver q|auto|full]
-                             [--augment auto|none] [--stats-positions auto|all]
+                             [--augment auto|none] [--stats-positions auto|all] [--max-memory SIZE]
 
 The floor is one teacher and one student forward over the samples given. ``--augment auto`` (the fit's
 default) adds a flipped copy of every fit sample, so the fit processes 1.8× those samples: compare
@@ -9,7 +9,9 @@ default) adds a flipped copy of every fit sample, so the fit processes 1.8× tho
 
 Both timings run in this process on the same machine, after a warm-up. Prints a Markdown row and the
 fit's profile: runtime (the segment runs of both nets: session set-up and ORT), statistics (in-graph
-probes, or NumPy sums on the host), solve (the small ridge systems), verify, and the rest."""
+probes, or NumPy sums on the host), solve (the small ridge systems), verify, and the rest. Memory: the
+process's peak RSS, and on Linux the peak of its anonymous memory (RSS less file-backed pages, which
+is what ``--max-memory`` bounds: the cache past it lives in a mapped file the kernel can page out)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 import platform
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +70,32 @@ class Profile:
         setattr(owner, name, timed)
 
 
+class AnonymousPeak:
+    """Peak RssAnon of this process, sampled every 20 ms from /proc/self/status (Linux; None elsewhere)."""
+
+    def __init__(self):
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                with open("/proc/self/status") as status:
+                    kb = next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+            except (OSError, StopIteration):
+                return
+            self.peak = max(self.peak or 0, kb * 1024)
+
+
 def profiled() -> Profile:
     profile = Profile()
     profile.wrap(SegmentRunner, "_run_segment", "runtime")
@@ -89,6 +118,7 @@ def main() -> None:
     parser.add_argument("--solver", default="q", help="q, full or auto (the fit's default)")
     parser.add_argument("--augment", default="auto", help="auto (the fit's default: flips for images) or none")
     parser.add_argument("--stats-positions", default="auto", help="auto (a grid of conv output positions) or all")
+    parser.add_argument("--max-memory", default=None, help="the fit's --max-memory (e.g. 1G); default: the fit's")
     args = parser.parse_args()
     teacher = {"resnet18": resnet18, "mobilenet": mobilenet_v2ish}[args.net]()
     student = perturbed(teacher)
@@ -104,14 +134,24 @@ def main() -> None:
                    solver=args.solver, augment=args.augment)
     if args.stats_positions != "auto":  # older versions (measured for comparison) have no such option
         options["stats_positions"] = args.stats_positions
-    result = fit(teacher, student, Samples(feeds), FitConfig(**options))
+    if args.max_memory is not None:
+        from onnx_fskd.memory import parse_size
+
+        options["max_memory"] = parse_size(args.max_memory)
+    with AnonymousPeak() as anonymous:
+        result = fit(teacher, student, Samples(feeds), FitConfig(**options))
     fit_time = time.perf_counter() - start
     after = passes()
     floor = min(before, after)  # the machine may be shared: the fastest forward is the conservative floor
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.report.seconds.items())
     print(f"| {args.net} | {args.solver} | {args.augment} | {args.batch} | {args.samples} | {result.report.samples_fit + result.report.samples_augmented + result.report.samples_heldout} | {result.report.provider} | {len(result.report.points)} | {floor:.1f} s "
           f"| {fit_time:.1f} s | **{fit_time / floor:.2f}** | {stages} |")
-    print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+    print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB"
+          + (f", peak anonymous memory during the fit: {anonymous.peak / 2**30:.2f} GB" if anonymous.peak else "")
+          + (f"; cache peaks {result.report.memory['peak_in_ram_bytes'] / 2**30:.2f} GB in RAM, "
+             f"{result.report.memory['peak_mapped_bytes'] / 2**30:.2f} GB mapped "
+             f"(budget {result.report.memory['limit_bytes'] / 2**30:.2f} GB)" if getattr(result.report, "memory", None)
+             else ""))
     print(f"forward floor measured before the fit {before:.1f} s, after it {after:.1f} s")
     split = dict(profile.seconds, verify=result.report.seconds.get("verify", 0.0))
     split["other"] = fit_time - sum(split.values())

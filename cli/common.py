@@ -11,6 +11,7 @@ import click
 
 from onnx_fskd.data import ImageOptions
 from onnx_fskd.errors import FskdError, UsageError, as_fskd_error
+from onnx_fskd.memory import parse_size
 
 from .usage import one_line_usage_errors
 
@@ -140,6 +141,20 @@ class OneLineErrors(click.Command):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return one_line_usage_errors(ctx, lambda: super(OneLineErrors, self).parse_args(ctx, args))
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes, written 512M, 1.5G or 4096 (memory.parse_size)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except FskdError:
+            self.fail(f"{value!r} is not a size such as 512M, 1.5G or 4096 (bytes)", param, ctx)
 
 
 class FiniteFloat(click.ParamType):

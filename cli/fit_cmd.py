@@ -24,7 +24,7 @@ from onnx_fskd.runtime import DEFAULT_BATCH, PROVIDER_CHOICES, resolve_providers
 
 from onnx_fskd.costs import check_input_shapes
 
-from .common import (FiniteFloat, OneLineErrors, build_image_options, build_input_shapes, image_options,
+from .common import (ByteSize, FiniteFloat, OneLineErrors, build_image_options, build_input_shapes, image_options,
                      input_shapes_option, reports_errors)
 from .output import human_console, is_stdout, output_options, print_json, warning_console
 
@@ -64,6 +64,10 @@ _DEFAULTS = FitConfig()
               help="auto: a conv's statistics read every 2nd–4th row and column of its output map where that "
                    "still leaves a 14×14 grid per sample and 64 rows per feature (2–16× less statistics work); "
                    "all: every position.")
+@click.option("--max-memory", type=ByteSize(), default=None, metavar="SIZE",
+              help="RAM for the activations the fit caches (both nets' tensors at its cut points, for every "
+                   "sample), e.g. 2G or 512M; beyond it they are memory-mapped from an unnamed temporary file in "
+                   "TMPDIR (same fit, at the disk's speed). Default: half the RAM available at the start.")
 @click.option("--ridge", type=FiniteFloat(low=0), default=_DEFAULTS.ridge, show_default=True,
               help="Ridge strength relative to the Gram trace; Q is shrunk towards identity.")
 @click.option("--holdout", type=FiniteFloat(0, 1, high_open=True), default=_DEFAULTS.holdout, show_default=True,
@@ -102,7 +106,7 @@ _DEFAULTS = FitConfig()
 def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: float | None, rank_ratio: float | None,
                 student_out: Path | None, data_path: Path | None, output_path: Path | None,
                 num_samples: int | None, mode: str, points: str, residual_target: str, solver: str,
-                stats_positions: str, ridge: float,
+                stats_positions: str, max_memory: int | None, ridge: float,
                 holdout: float, batch_size: int, provider: str, map_path: Path | None, reselect: bool,
                 augment: str, polish_steps: int, polish_lr: float, report_path: Path | None, seed: int,
                 keep_map: bool, force: bool, input_shapes, **image) -> None:
@@ -140,7 +144,7 @@ def fit_command(teacher_path: Path, student_path: Path | None, prune_ratio: floa
     check_compatible(teacher, student)
     samples = load_samples(data_path, input_specs(student), num_samples, build_image_options(**image))
     config = FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver,
-                       stats_positions=stats_positions, ridge=ridge,
+                       stats_positions=stats_positions, max_memory=max_memory, ridge=ridge,
                        holdout=holdout, batch_size=batch_size, provider=provider, seed=seed,
                        reselect=reselect, augment=augment, polish_steps=polish_steps, polish_lr=polish_lr)
     console = human_console(data_on_stdout=True)
@@ -226,9 +230,16 @@ def _print_report(console: Console, report: FitReport, output_path: Path) -> Non
     consistency = "" if report.consistency is None else f", consistency {report.consistency:.1e}"
     console.print(f"merge exactness {report.exactness:.1e}{consistency}; time "
                   + ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()))
+    if report.memory.get("peak_mapped_bytes"):
+        console.print(f"activation cache over --max-memory ({_size(report.memory['limit_bytes'])}): up to "
+                      f"{_size(report.memory['peak_mapped_bytes'])} of it was mapped from a temporary file")
     for warning in report.warnings:
         warning_console().print(f"warning: {warning}", markup=False, highlight=False)
     console.print(f"wrote {output_path}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MB"
 
 
 def _similarity(*metrics: OutputMetrics) -> str:

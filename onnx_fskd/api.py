@@ -22,6 +22,7 @@ from .compress.decompose import check_decompose_options
 from .data import DataSource, ImageOptions, batches_from, input_specs, samples_from
 from .errors import FskdError, UsageError, raises_fskd_error
 from .evaluation import evaluate as _evaluate
+from .memory import parse_size
 from .model_io import load_model
 from .outputs import save_model_atomic
 from .provenance import drop_channel_map, run_record, stamp_producer
@@ -63,9 +64,11 @@ def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSour
         provider: str = _DEFAULTS.provider, num_samples: int | None = None, images: ImageOptions | None = None,
         map_path: str | os.PathLike | None = None, keep_map: bool = False, reselect: bool = _DEFAULTS.reselect,
         augment: str = _DEFAULTS.augment, polish_steps: int = _DEFAULTS.polish_steps,
-        polish_lr: float = _DEFAULTS.polish_lr, stats_positions: str = _DEFAULTS.stats_positions) -> FitResult:
+        polish_lr: float = _DEFAULTS.polish_lr, stats_positions: str = _DEFAULTS.stats_positions,
+        max_memory: int | str | None = None) -> FitResult:
     """Recover ``student`` (or the teacher compressed by ``prune``/``decompose``; with none of the three,
-    ``prune=DEFAULT_PRUNE_RATIO``) from ``data``; the other options are `onnx-fskd fit`'s."""
+    ``prune=DEFAULT_PRUNE_RATIO``) from ``data``; the other options are `onnx-fskd fit`'s (``max_memory``
+    in bytes or as '2G'; None: half the available RAM)."""
     if sum(option is not None for option in (student, prune, decompose)) > 1:
         raise UsageError("give at most one of student, prune or decompose")
     if student is None and decompose is None and prune is None:
@@ -75,7 +78,8 @@ def fit(teacher: ModelSource, student: ModelSource | None = None, data: DataSour
     settings = pipeline.FitConfig(mode=mode, points=points, residual_target=residual_target, solver=solver,
                                   ridge=ridge, holdout=holdout, batch_size=batch_size, provider=provider, seed=seed,
                                   reselect=reselect, augment=augment, polish_steps=polish_steps,
-                                  polish_lr=polish_lr, stats_positions=stats_positions)
+                                  polish_lr=polish_lr, stats_positions=stats_positions,
+                                  max_memory=parse_size(max_memory) if isinstance(max_memory, str) else max_memory)
     teacher_model = _model(teacher)
     student_model = _model(student) if student is not None else \
         pipeline.make_student(teacher_model, prune, decompose).model

@@ -3,13 +3,16 @@
 Fresh memory is expensive to touch the first time (the kernel faults in and zeroes every page: on the
 development VM writing 800 MB the first time took 1.2 s, the second 0.04 s), and a fit allocates
 boundary tensors of every point for every sample. Arrays the runner no longer needs are recycled into
-new outputs instead of being returned to the OS."""
+new outputs instead of being returned to the OS. Fresh buffers come from an ActivationMemory (memory.py)
+when one is given: RAM within its budget, a memory-mapped temporary file beyond."""
 
 from __future__ import annotations
 
 import sys
 
 import numpy as np
+
+from .memory import ActivationMemory
 
 _MIN_BYTES = 1 << 22  # smaller arrays are cheap to allocate: not worth tracking
 # Free memory a pool keeps for reuse. Nets narrow as they go, so the early wide buffers would otherwise
@@ -21,10 +24,11 @@ class BufferPool:
     """Retired arrays become reusable once nothing else references them (checked by refcount, so an
     array still held by a caller is never handed out again)."""
 
-    def __init__(self, max_free_bytes: int = MAX_FREE_BYTES) -> None:
+    def __init__(self, max_free_bytes: int = MAX_FREE_BYTES, memory: ActivationMemory | None = None) -> None:
         self._retired: list[np.ndarray] = []
         self._free: list[np.ndarray] = []
         self.max_free_bytes = max_free_bytes
+        self.memory = memory
 
     def retire(self, array: np.ndarray) -> None:
         """Offer an array the runner has dropped; it is reused only once no one else holds it."""
@@ -49,6 +53,10 @@ class BufferPool:
                 self._trim()
                 return buffer.reshape(-1).view(np.uint8)[:need].view(dtype).reshape(shape)
             self._trim()
+            if self.memory is not None:
+                while self._free and not self.memory.fits(need):  # free buffers too small to reuse hold budget
+                    self._free.pop()
+                return self.memory.allocate(shape, dtype)
         return np.empty(shape, dtype)
 
     def _collect(self) -> None:

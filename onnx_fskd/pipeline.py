@@ -22,6 +22,7 @@ from .correct import (FitSettings, FullForm, PointFit, Rows, adapter_from_stats,
                       full_form, weights_from_stats)
 from .fuse import ModelWriter, WeightUpdate, unwritable_reason, write_update
 from .graph import GraphIndex
+from .memory import ActivationMemory, default_budget
 from .metrics import choose_metric, compare, padding_mask, relative_error
 from .normalize import Normalised, normalise, normalise_for_merge
 from .pairing import ChannelMapper, PointPair, match_activations, pair_points, read_map
@@ -60,6 +61,8 @@ class FitConfig:
     polish_steps: int = 0             # gradient steps of unlabeled distillation after the closed form
     polish_lr: float = 1e-4
     stats_positions: str = "auto"     # auto | all: conv statistics on a grid of output positions (sampling.py)
+    max_memory: int | None = None     # RAM (bytes) for cached activations, mapped from a temporary file beyond;
+                                      # None: half the RAM available at the start (memory.py)
 
 
 @dataclass
@@ -267,7 +270,8 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
     cached output before anything downstream runs."""
     fixed_batch = input_specs(plan.student)[0].batch_dim
     on_batch = (lambda done, total: progress("samples", done, total)) if progress else None
-    t_run, s_run = (SegmentRunner(m, g, providers, config.batch_size, fixed_batch, on_batch)
+    memory = ActivationMemory(default_budget() if config.max_memory is None else config.max_memory)
+    t_run, s_run = (SegmentRunner(m, g, providers, config.batch_size, fixed_batch, on_batch, memory)
                     for m, g in ((plan.teacher, plan.t_graph), (plan.student, plan.s_graph)))
     for runner in (t_run, s_run):
         runner.start(samples.arrays)
@@ -285,7 +289,7 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
                        and (s.residual_skip in fitted_outputs or s.residual_skip not in point_outputs))
         kind = "sum" if use_sum else "plain"
         prefetch = _teacher_prefetch(pairs[index + 1:], choices[index + 1:], t_run, plan.t_graph, len(samples),
-                                     with_skips)
+                                     with_skips, _prefetch_budget(memory))
         t_names = choice.teacher_names(t, use_sum)
         known = _known_kept(pair, mapper)
         form = choice.form
@@ -358,7 +362,14 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
         del s_out, t_out, y, target  # let the runners recycle them
         _after_point(index, pairs, choices, s, t, t_run, fitted_outputs, progress, with_skips)
     out_name = plan.s_graph.graph_outputs[0]
-    return _Fitted(fits, t_run.compute([out_name])[out_name], s_run.compute([out_name])[out_name])
+    fitted = _Fitted(fits, t_run.compute([out_name])[out_name], s_run.compute([out_name])[out_name])
+    report.memory = memory.summary()
+    return fitted
+
+
+def _prefetch_budget(memory: ActivationMemory) -> int:
+    """Teacher tensors fetched ahead are a speed-up only: at most a quarter of the cache's RAM budget."""
+    return PREFETCH_BYTES if memory.limit is None else min(PREFETCH_BYTES, memory.limit // 4)
 
 
 def _after_point(index: int, pairs: list[PointPair], choices: list[_Choice], s: CorrectionPoint, t: CorrectionPoint,
@@ -592,6 +603,8 @@ def _check_config(config: FitConfig) -> None:
         raise FskdError(f"--stats-positions must be one of {', '.join(POSITIONS)}, got {config.stats_positions}")
     if config.augment not in AUGMENTATIONS:
         raise FskdError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {config.augment}")
+    if config.max_memory is not None and config.max_memory < 0:
+        raise FskdError(f"--max-memory must be a size >= 0, got {config.max_memory}")
     if config.polish_steps < 0 or config.polish_lr <= 0:
         raise FskdError("--polish needs steps >= 0 and a positive learning rate")
     if config.polish_steps:

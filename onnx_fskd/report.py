@@ -76,6 +76,8 @@ class FitReport:
     samples_augmented: int = 0
     reselection: list[dict] = field(default_factory=list)  # per pruned group: channels changed, errors
     polish: dict | None = None        # the gradient polish, when asked for
+    # the activation cache: its RAM budget, and the peaks it held in RAM and in a mapped temporary file (bytes)
+    memory: dict = field(default_factory=dict)
 
     @property
     def rejected(self) -> list[str]:

@@ -20,6 +20,7 @@ from .errors import FskdError
 from .buffers import BufferPool
 from .fuse import ModelWriter, WeightUpdate, write_update
 from .graph import GraphIndex
+from .memory import ActivationMemory
 from .ops.base import attribute
 from .points import CorrectionPoint
 from .runtime import make_session, run_batched
@@ -59,7 +60,8 @@ class SegmentRunner:
     """One model, its sample cache, and the set of nodes already run."""
 
     def __init__(self, model: onnx.ModelProto, graph: GraphIndex, providers: list[str],
-                 batch_size: int, fixed_batch: int | None, on_batch: Callable[[int, int], None] | None = None):
+                 batch_size: int, fixed_batch: int | None, on_batch: Callable[[int, int], None] | None = None,
+                 memory: ActivationMemory | None = None):
         self.graph = graph
         self.providers = providers
         self.batch_size = batch_size
@@ -71,7 +73,7 @@ class SegmentRunner:
         inferred = onnx.shape_inference.infer_shapes(weightless_copy(model)).graph
         self.extractor.value_infos.update({v.name: v for v in inferred.value_info})
         self.cache: dict[str, np.ndarray] = {}
-        self.buffers = BufferPool()
+        self.buffers = BufferPool(memory=memory)
         self.pinned: set[str] = set()
         self.done: set[str] = set()
         self.folded: dict[str, tuple[CorrectionPoint, WeightUpdate]] = {}  # op name → its fitted weights
@@ -87,7 +89,9 @@ class SegmentRunner:
         for name in missing:  # sampled views of tensors already cached: sliced here
             tensor, stride = _parse_sampled(name)
             if stride > 1 and tensor in self.cache:
-                self.cache[name] = np.ascontiguousarray(sample_positions(self.cache[tensor], stride))
+                grid = sample_positions(self.cache[tensor], stride)
+                self.cache[name] = self.buffers.empty(grid.shape, grid.dtype)
+                self.cache[name][...] = grid
         missing = [name for name in missing if name not in self.cache]
         if missing:
             self._run_segment(missing)
