@@ -39,7 +39,7 @@ from onnx_fskd.runtime import make_session, resolve_providers, run_batched  # no
 
 
 def forward_seconds(model, feeds, providers, batch) -> float:
-    session = make_session(model, providers)
+    session = make_session(model, providers, exact=True)  # the fit's precision: no TF32 on CUDA
     run_batched(session, {k: v[:batch] for k, v in feeds.items()}, ["logits"], batch)  # warm-up
     start = time.perf_counter()
     run_batched(session, feeds, ["logits"], batch)
@@ -144,7 +144,7 @@ def main() -> None:
     after = passes()
     floor = min(before, after)  # the machine may be shared: the fastest forward is the conservative floor
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.report.seconds.items())
-    print(f"| {args.net} | {args.solver} | {args.augment} | {args.batch} | {args.samples} | {result.report.samples_fit + result.report.samples_augmented + result.report.samples_heldout} | {result.report.provider} | {len(result.report.points)} | {floor:.1f} s "
+    print(f"| {args.net} | {args.solver} | {args.augment} | {args.batch} | {args.samples} | {result.report.samples_fit + result.report.samples_augmented + result.report.samples_heldout} | {result.report.provider} | {len(result.report.points)} | {floor:.3g} s "
           f"| {fit_time:.1f} s | **{fit_time / floor:.2f}** | {stages} |")
     print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB"
           + (f", peak anonymous memory during the fit: {anonymous.peak / 2**30:.2f} GB" if anonymous.peak else "")
@@ -152,7 +152,7 @@ def main() -> None:
              f"{result.report.memory['peak_mapped_bytes'] / 2**30:.2f} GB mapped "
              f"(budget {result.report.memory['limit_bytes'] / 2**30:.2f} GB)" if getattr(result.report, "memory", None)
              else ""))
-    print(f"forward floor measured before the fit {before:.1f} s, after it {after:.1f} s")
+    print(f"forward floor measured before the fit {before:.3g} s, after it {after:.3g} s")
     split = dict(profile.seconds, verify=result.report.seconds.get("verify", 0.0))
     split["other"] = fit_time - sum(split.values())
     print("profile: " + ", ".join(f"{k} {v:.1f}s ({100 * v / fit_time:.0f}%)" for k, v in split.items()))

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU part of issue 11 as one prepared device call.
+#
+# Run it on a lent GPU machine after ../shared/GPU.md's install steps (onnxruntime-gpu in /tmp/site),
+# from the repository root:
+#     export PYTHONPATH=/tmp/site:$PWD && bash bench/gpu_check.sh
+# Everything goes to $OUT (the device tool's output folder; /tmp/gpu_check otherwise):
+#   providers.txt   the ORT build, its providers and the GPU
+#   log.txt         each step's tail: `fit --provider cuda` on the shipped VGG pair and on a
+#                   50 %-pruned MobileNet-style ImageNet net, with the merge check's provider and tolerance
+#   fit_cost.txt    bench/fit_cost.py rows: CUDA (q and auto, both nets), then the host's CPU provider
+# The whole script took no GPU here; a dry run on the CPU checks its logic:
+#     PROVIDER=cpu SAMPLES=16 OUT=/tmp/dry bash bench/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+PROVIDER=${PROVIDER:-cuda}
+SAMPLES=${SAMPLES:-256}
+mkdir -p "$OUT" "$OUT/work"
+log() { echo "== $*" | tee -a "$OUT/log.txt"; }
+fskd() { python3 -c 'from cli.main import main; main()' "$@"; }
+summary() {  # the merge check and the held-out result of a --report file
+    python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print('verified_on', r['verified_on'], \
+'exactness', r['exactness'], 'tolerance', r['exactness_tolerance'], 'provider', r['provider'], \
+'held-out error', round(r['before']['relative_error'], 4), '->', round(r['after']['relative_error'], 4), \
+'seconds', r['seconds'])" "$1" 2>&1 | tee -a "$OUT/log.txt"
+}
+
+python3 -c "import onnxruntime as o; getattr(o, 'preload_dlls', lambda: None)(); print(o.__version__, o.get_available_providers())" \
+    2>&1 | tee "$OUT/providers.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/providers.txt"
+
+log "fit --provider $PROVIDER: shipped VGG pair"
+timeout 180 python3 -c 'from cli.main import main; main()' fit samples/vgg_teacher.onnx --student samples/vgg_student.onnx \
+    --data samples/calib.npz --provider "$PROVIDER" -o "$OUT/work/vgg.fskd.onnx" --report "$OUT/vgg_report.json" --force \
+    2>&1 | tail -4 | tee -a "$OUT/log.txt"
+summary "$OUT/vgg_report.json"
+
+log "fit --provider $PROVIDER: MobileNet-style ImageNet net pruned 50 %, $SAMPLES random crops"
+python3 - "$OUT/work" "$SAMPLES" <<'EOF'
+import sys
+sys.path.insert(0, "bench")
+import numpy as np, onnx
+from nets import mobilenet_v2ish
+onnx.save(mobilenet_v2ish(), f"{sys.argv[1]}/mobilenet.onnx")
+np.save(f"{sys.argv[1]}/crops.npy", np.random.default_rng(0).normal(size=(int(sys.argv[2]), 3, 224, 224)).astype(np.float32))
+EOF
+timeout 300 python3 -c 'from cli.main import main; main()' fit "$OUT/work/mobilenet.onnx" --prune 0.5 --data "$OUT/work/crops.npy" \
+    --provider "$PROVIDER" --augment none -o "$OUT/work/mobilenet.fskd.onnx" --report "$OUT/mobilenet_report.json" --force \
+    2>&1 | tail -4 | tee -a "$OUT/log.txt"
+summary "$OUT/mobilenet_report.json"
+rm -rf "$OUT/work"
+
+for net in resnet18 mobilenet; do
+    for solver in q auto; do
+        log "fit_cost $PROVIDER $net $solver"
+        timeout 240 python3 bench/fit_cost.py --net "$net" --solver "$solver" --augment none --provider "$PROVIDER" \
+            --samples "$SAMPLES" --batch 64 2>&1 | tee -a "$OUT/fit_cost.txt"
+    done
+done
+if [ "$PROVIDER" != cpu ]; then
+    for net in resnet18 mobilenet; do
+        log "fit_cost cpu $net q (the same host's CPU provider)"
+        timeout 240 python3 bench/fit_cost.py --net "$net" --solver q --augment none --provider cpu \
+            --samples "$SAMPLES" --batch 64 2>&1 | tee -a "$OUT/fit_cost.txt"
+    done
+fi
+log "done"
