@@ -159,24 +159,54 @@ class StatsProbe:
 
 
 class _Sums:
-    """Float64 running sums over batches, in the probe's own terms: n, Σx, Σd, Σx·xᵀ, Σx·dᵀ, Σd²."""
+    """Float64 running sums over batches, in the probe's own terms: n, Σx, Σd, Σx·xᵀ, Σx·dᵀ, Σd².
+
+    Each batch's products come centred on that batch's shifts (probes' ``centred``); the shift terms
+    (rank one per batch) are added back once for all batches, as one product over the stacked shifts:
+    per batch they were three F×F float64 temporaries, 3.5 s of a ResNet-18 ``auto`` fit."""
 
     def __init__(self) -> None:
         self.n, self.dd = 0.0, 0.0
-        self.x = self.d = self.xx = self.xd = 0.0
+        self.x = self.d = 0.0
+        self._gxx: np.ndarray | None = None  # Σ of the batches' centred products, float64
+        self._gxd: np.ndarray | None = None
+        self._shifts: list[tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # n, sx, Sx, sd, Sd
 
     def add(self, v: dict[str, np.ndarray]) -> None:
-        """One batch: the shift terms added back to the float32 centred sums (per block)."""
+        """One batch: its centred float32 products summed in float64, its shifts kept for ``xx``/``xd``."""
         shape = v["shape"]  # (N, B, k, L) of the planes
         n = float(v["rows"]) if v["rows"] >= 0 else float(shape[0] * shape[3])
         Sx, Sd, Qd = (v[name].astype(np.float64).sum(axis=0) for name in ("Sx", "Sd", "Qd"))  # (B, k), (B, m)
         sx, sd = v["sx"].astype(np.float64).reshape(Sx.shape), v["sd"].astype(np.float64).reshape(Sd.shape)
-        self.xx = self.xx + _shifted_products(sx, Sx, v["Gxx"], sx, Sx, n)
-        self.xd = self.xd + _shifted_products(sx, Sx, v["Gxd"], sd, Sd, n)
+        gxx = v["Gxx"].reshape(Sx.shape[0], Sx.shape[1], Sx.shape[1])
+        gxd = v["Gxd"].reshape(Sx.shape[0], Sx.shape[1], Sd.shape[1])
+        if self._gxx is None:
+            self._gxx, self._gxd = gxx.astype(np.float64), gxd.astype(np.float64)
+        else:
+            np.add(self._gxx, gxx, out=self._gxx)
+            np.add(self._gxd, gxd, out=self._gxd)
+        self._shifts.append((n, sx, Sx, sd, Sd))
         self.x = self.x + n * sx + Sx
         self.d = self.d + n * sd + Sd
         self.dd += float(np.sum(Qd + 2.0 * sd * Sd + n * sd * sd))
         self.n += n
+
+    @property
+    def xx(self) -> np.ndarray:
+        return self._gxx + self._shift_terms(1, 2, 1, 2)
+
+    @property
+    def xd(self) -> np.ndarray:
+        return self._gxd + self._shift_terms(1, 2, 3, 4)
+
+    def _shift_terms(self, a: int, sums_a: int, b: int, sums_b: int) -> np.ndarray:
+        """Σ over batches of s·Σbᵀ + Σa·uᵀ + n·s·uᵀ (s, u: the batch's shifts of a and b), per block:
+        with s stacked as (B, k, batches), one batched product for each term."""
+        stack = lambda i: np.stack([shifts[i] for shifts in self._shifts], axis=-1)  # noqa: E731  (B, k, batches)
+        n = np.array([shifts[0] for shifts in self._shifts])
+        s, u = stack(a), stack(b)
+        return s @ np.swapaxes(stack(sums_b), -1, -2) + stack(sums_a) @ np.swapaxes(u, -1, -2) \
+            + (s * n) @ np.swapaxes(u, -1, -2)
 
     def gram_stats(self, point: CorrectionPoint, via_input: tuple[np.ndarray, np.ndarray] | None) -> GramStats:
         """[Y 1]ᵀ[Y 1], [Y 1]ᵀT and ΣT² with T = D + Y; with ``via_input`` = (A, b), y = A·x + b."""
@@ -245,13 +275,6 @@ def _assembled(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         gram[..., bounds[i]:bounds[i + 1], bounds[j]:bounds[j + 1]] = block
         gram[..., bounds[j]:bounds[j + 1], bounds[i]:bounds[i + 1]] = np.swapaxes(block, -1, -2)
     return {name: value for name, value in values.items() if not name.startswith("Gxx/")} | {"Gxx": gram}
-
-
-def _shifted_products(s: np.ndarray, sums_a: np.ndarray, gram: np.ndarray, u: np.ndarray, sums_b: np.ndarray,
-                      n: float) -> np.ndarray:
-    """Σ a·bᵀ per block from the shifted sums: Σ(a−s)(b−u)ᵀ + s·Σ(b−u)ᵀ + Σ(a−s)·uᵀ + n·s·uᵀ."""
-    gram = gram.astype(np.float64).reshape(s.shape[0], s.shape[1], u.shape[1])
-    return gram + s[:, :, None] * sums_b[:, None, :] + sums_a[:, :, None] * u[:, None, :] + n * s[:, :, None] * u[:, None, :]
 
 
 def _point_nodes(point: CorrectionPoint, graph: GraphIndex) -> list[onnx.NodeProto]:
