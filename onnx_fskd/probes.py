@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
 from .graph import GraphIndex
+from .ops.base import attribute
 from .points import CorrectionPoint
 from .runtime import make_session
 from .sampling import grid_slice, strided_copies
@@ -138,8 +139,9 @@ class StatsProbe:
         self.order = patch_order(point, graph) if full is not None and point.op_type == "Conv" else None
         source = "patches" if full is not None else "fed" if fed_output else \
             "input" if self.via_input is not None else "output"
+        self.shifted = shifted_geometry(point, graph, stride) if source == "patches" and not masked else None
         self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked, source, stride,
-                            prefix)
+                            prefix, self.shifted)
         self.session = make_session(self.model, providers, exact=True)
         self.outputs = [output.name for output in self.model.graph.output]
 
@@ -148,11 +150,11 @@ class StatsProbe:
         results = []
         with threadpool_limits(limits=1, user_api="blas"):  # small host products: see solve._solve_spd
             for part in parts:
-                sums = _Sums()
+                sums = _Sums(self.shifted)
                 for start in range(part.start, part.stop, batch_size):
                     window = slice(start, min(start + batch_size, part.stop))
                     values = dict(zip(self.outputs, self.session.run(self.outputs, feeds.window(window))))
-                    sums.add(values if "Gxx" in values else _assembled(values))
+                    sums.add(_assembled(values) if "Gxx/0/0" in values else values)
                 results.append(sums.patch_stats(*self.full, self.order) if self.full is not None
                                else sums.gram_stats(self.point, self.via_input))
         return results
@@ -165,9 +167,10 @@ class _Sums:
     (rank one per batch) are added back once for all batches, as one product over the stacked shifts:
     per batch they were three F×F float64 temporaries, 3.5 s of a ResNet-18 ``auto`` fit."""
 
-    def __init__(self) -> None:
+    def __init__(self, shifted: tuple[int, int, int] | None = None) -> None:
         self.n, self.dd = 0.0, 0.0
         self.x = self.d = 0.0
+        self._shifted = _ShiftedGram(*shifted) if shifted is not None else None  # Σx·xᵀ from shifted products
         self._gxx: np.ndarray | None = None  # Σ of the batches' centred products, float64
         self._gxd: np.ndarray | None = None
         self._shifts: list[tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # n, sx, Sx, sd, Sd
@@ -178,13 +181,16 @@ class _Sums:
         n = float(v["rows"]) if v["rows"] >= 0 else float(shape[0] * shape[3])
         Sx, Sd, Qd = (v[name].astype(np.float64).sum(axis=0) for name in ("Sx", "Sd", "Qd"))  # (B, k), (B, m)
         sx, sd = v["sx"].astype(np.float64).reshape(Sx.shape), v["sd"].astype(np.float64).reshape(Sd.shape)
-        gxx = v["Gxx"].reshape(Sx.shape[0], Sx.shape[1], Sx.shape[1])
         gxd = v["Gxd"].reshape(Sx.shape[0], Sx.shape[1], Sd.shape[1])
-        if self._gxx is None:
-            self._gxx, self._gxd = gxx.astype(np.float64), gxd.astype(np.float64)
+        if self._gxd is None:
+            self._gxd = gxd.astype(np.float64)
         else:
-            np.add(self._gxx, gxx, out=self._gxx)
             np.add(self._gxd, gxd, out=self._gxd)
+        if self._shifted is not None:
+            self._shifted.add(v, int(shape[0]))
+        else:
+            gxx = v["Gxx"].reshape(Sx.shape[0], Sx.shape[1], Sx.shape[1])
+            self._gxx = gxx.astype(np.float64) if self._gxx is None else np.add(self._gxx, gxx, out=self._gxx)
         self._shifts.append((n, sx, Sx, sd, Sd))
         self.x = self.x + n * sx + Sx
         self.d = self.d + n * sd + Sd
@@ -193,6 +199,8 @@ class _Sums:
 
     @property
     def xx(self) -> np.ndarray:
+        if self._shifted is not None:
+            return self._shifted.gram()[None]
         return self._gxx + self._shift_terms(1, 2, 1, 2)
 
     @property
@@ -264,6 +272,120 @@ def _gram_blocks(features: int) -> list[int] | None:
     return [int(b) for b in np.linspace(0, features, min(8, features // 256) + 1)]
 
 
+def shifted_geometry(point: CorrectionPoint, graph: GraphIndex, stride: int) -> tuple[int, int, int] | None:
+    """(C, H, W) of a point whose patch Gram can be put together from shifted channel products of its
+    input (_ShiftedGram): a 3×3 conv with pads 1, strides and dilations 1 and one group, read on every
+    position, its input's and output's sizes known (at least 3×3); else None."""
+    node = graph.node_by_name[point.name]
+    shape = graph.shapes.get(point.input)
+    if point.op_type != "Conv" or stride != 1 or shape is None or len(shape) != 4 or None in shape[1:]:
+        return None
+    if not _sliceable(point, graph):  # the one-hot conv's patches come in the weight's order
+        return None
+    if graph.shapes[point.weight][2:] != (3, 3) or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    settings = {a.name: list(a.ints) for a in node.attribute if a.name in ("pads", "strides", "dilations")}
+    if settings.get("pads") != [1, 1, 1, 1] or any(v != 1 for name in ("strides", "dilations") for v in settings.get(name, [1])):
+        return None
+    if attribute(node, "group", 1) != 1 or shape[2] < 3 or shape[3] < 3:
+        return None
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
+# The 13 shifts (di, dj) a 3×3 patch Gram needs, one of each ± pair: A(−Δ) = A(Δ)ᵀ.
+_SHIFTS = [(di, dj) for di in range(3) for dj in range(-2, 3) if di > 0 or dj >= 0]
+
+
+def _shifted_pieces(h: int, w: int) -> list[tuple[str, tuple[int, int, int, int], tuple[int, int]]]:
+    """(name, rows r0:r1 × columns c0:c1 of positions u, shift Δ) of each product Σ x[u]·x[u+Δ]ᵀ that
+    _ShiftedGram reads: over all positions with u and u+Δ in the map ("A"), over one border row ("R",
+    Δ = (0, dj)) or column ("C", Δ = (di, 0)), and over one corner ("K", Δ = 0)."""
+    pieces = [(f"A/{di}/{dj}", (max(0, -di), h - max(0, di), max(0, -dj), w - max(0, dj)), (di, dj)) for di, dj in _SHIFTS]
+    pieces += [(f"R/{r}/{d}", (r, r + 1, 0, w - d), (0, d)) for r in (0, h - 1) for d in range(3)]
+    pieces += [(f"C/{c}/{d}", (0, h - d, c, c + 1), (d, 0)) for c in (0, w - 1) for d in range(3)]
+    pieces += [(f"K/{r}/{c}", (r, r + 1, c, c + 1), (0, 0)) for r in (0, h - 1) for c in (0, w - 1)]
+    return pieces
+
+
+def _shifted_products(g: "_Builder", channels: int, h: int, w: int) -> None:
+    """Outputs for _ShiftedGram: the input's per-channel mean m, Σ over samples of x − m (C, H, W), and
+    each piece of _shifted_pieces as a product of x − m. A whole-map piece is one product per sample,
+    summed over the batch: one float32 product over a whole batch's positions lost digits on narrow
+    inputs (16 channels, 16×16 maps: 7× further from float64). A border piece is one product over the
+    batch, its few rows being short enough."""
+    mean = g.reduce("ReduceMean", g.x, [0, 2, 3], 1)
+    g.output(mean, "shifted/m")
+    centred = g.op("Sub", g.x, mean)
+    g.output(g.reduce("ReduceSum", centred, [0], 0), "shifted/M")
+    cut: dict[tuple[int, int, int, int, bool], str] = {}
+
+    def rows(r0: int, r1: int, c0: int, c1: int, per_sample: bool) -> str:  # (N, C, positions) or (C, N·positions)
+        if (r0, r1, c0, c1, per_sample) not in cut:
+            index = len(g.initializers)
+            part = g.op("Slice", centred, g.const(f"s{index}", np.array([r0, c0])), g.const(f"e{index}", np.array([r1, c1])),
+                        g.const(f"a{index}", np.array([2, 3])))
+            if not per_sample:
+                part = g.op("Transpose", part, perm=[1, 0, 2, 3])
+            shape = [0, channels, -1] if per_sample else [channels, -1]
+            cut[r0, r1, c0, c1, per_sample] = g.op("Reshape", part, g.const(f"r{index}", np.array(shape)))
+        return cut[r0, r1, c0, c1, per_sample]
+
+    for name, (r0, r1, c0, c1), (di, dj) in _shifted_pieces(h, w):
+        per_sample = name.startswith("A/")
+        left, right = rows(r0, r1, c0, c1, per_sample), rows(r0 + di, r1 + di, c0 + dj, c1 + dj, per_sample)
+        product = g.op("MatMul", left, g.op("Transpose", right, perm=[0, 2, 1] if per_sample else [1, 0]))
+        g.output(g.reduce("ReduceSum", product, [0], 0) if per_sample else product, f"shifted/{name}")
+
+
+class _ShiftedGram:
+    """Σ p·pᵀ of a stride-1 3×3 conv's im2col patches p (features (i, j, c), zero padding) from products of
+    its input x: block (a, b) of offsets a = (i, j), b = (i', j') is Σ x[u]·x[u+Δ]ᵀ, Δ = b − a, over the
+    positions u that offset a reads. That is the sum over the whole map (13 shifts, not 45 blocks of 9C×9C
+    products), less the one border row (i = i' ≠ 1) or column (j = j' ≠ 1) that offset a never reads, and
+    plus their corner, taken off twice. Each batch's float32 products are of x − m (its channel means);
+    the m terms are added back here in float64 from the rectangle sums of x − m."""
+
+    def __init__(self, channels: int, h: int, w: int) -> None:
+        self.channels, self.h, self.w = channels, h, w
+        self.pieces: dict[str, np.ndarray] = {}
+
+    def add(self, v: dict[str, np.ndarray], samples: int) -> None:
+        m = v["shifted/m"].astype(np.float64).reshape(-1)
+        table = np.zeros((self.channels, self.h + 1, self.w + 1))
+        table[:, 1:, 1:] = v["shifted/M"].astype(np.float64).cumsum(1).cumsum(2)
+
+        def total(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+            return table[:, r1, c1] - table[:, r0, c1] - table[:, r1, c0] + table[:, r0, c0]
+
+        for name, (r0, r1, c0, c1), (di, dj) in _shifted_pieces(self.h, self.w):
+            left, right = total(r0, r1, c0, c1), total(r0 + di, r1 + di, c0 + dj, c1 + dj)
+            count = samples * (r1 - r0) * (c1 - c0)
+            raw = v[f"shifted/{name}"].astype(np.float64) + np.outer(left, m) + np.outer(m, right + count * m)
+            self.pieces[name] = raw if name not in self.pieces else self.pieces[name] + raw
+
+    def gram(self) -> np.ndarray:
+        """(9C, 9C) in the probe's patch order (patch_order)."""
+        c, last_row, last_col = self.channels, self.h - 1, self.w - 1
+        gram = np.empty((9 * c, 9 * c))
+        for a in range(9):
+            i, j = divmod(a, 3)
+            for b in range(9):
+                di, dj = b // 3 - i, b % 3 - j
+                block = self._pair("A/{}/{}", di, dj) if (di, dj) in _SHIFTS else self._pair("A/{}/{}", -di, -dj).T
+                if di == 0 and i != 1:  # offset a never reads the last row (i = 0) or the first (i = 2)
+                    block = block - self._pair("R/" + str(last_row if i == 0 else 0) + "/{}", abs(dj), transpose=dj < 0)
+                if dj == 0 and j != 1:
+                    block = block - self._pair("C/" + str(last_col if j == 0 else 0) + "/{}", abs(di), transpose=di < 0)
+                if di == dj == 0 and i != 1 and j != 1:
+                    block = block + self.pieces[f"K/{last_row if i == 0 else 0}/{last_col if j == 0 else 0}"]
+                gram[a * c:(a + 1) * c, b * c:(b + 1) * c] = block
+        return gram
+
+    def _pair(self, pattern: str, *shift: int, transpose: bool = False) -> np.ndarray:
+        piece = self.pieces[pattern.format(*shift)]
+        return piece.T if transpose else piece
+
+
 def _assembled(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``values`` with "Gxx" put together from its upper blocks "Gxx/i/j" (the lower ones mirrored)."""
     blocks = {tuple(map(int, name.split("/")[1:])): value for name, value in values.items() if name.startswith("Gxx/")}
@@ -283,7 +405,7 @@ def _point_nodes(point: CorrectionPoint, graph: GraphIndex) -> list[onnx.NodePro
 
 def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_channels: int,
            teacher_skip: bool, student_skip: bool, masked: bool, source: str = "output", stride: int = 1,
-           prefix: onnx.ModelProto | None = None) -> onnx.ModelProto:
+           prefix: onnx.ModelProto | None = None, shifted: tuple[int, int, int] | None = None) -> onnx.ModelProto:
     """``source``: what x is — the op's "output", its "input" (a widening op, rebuilt on the host), its
     input "patches" (the full solver), or its output "fed" to the probe (probe_reads_output: no copy of
     the op at all). ``stride`` s > 1 (a conv point, sampling.py): the sums read
@@ -291,7 +413,8 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     teacher's runner slices them), the copy of the op runs with s times its strides, and the student's
     skip (and a 1×1 op's input) are sliced here. ``prefix``: a sub-graph of the student that computes
     the point's input from cached tensors (SegmentRunner.side_graph), run first inside the probe so a
-    wide input never leaves the runtime."""
+    wide input never leaves the runtime. ``shifted`` = (C, H, W) (shifted_geometry): the patch Gram comes
+    as shifted channel products of the input instead (_ShiftedGram)."""
     g = _Builder(graph.opset or 13, _X if prefix is None else point.input)
     if prefix is not None:
         g.nodes.extend(prefix.graph.node)
@@ -348,7 +471,9 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
         rows_x = g.rows(xc)
         rows_d = g.rows(dc)
         bounds = _gram_blocks(in_channels) if source == "patches" else None
-        if bounds is None:
+        if shifted is not None:
+            _shifted_products(g, *shifted)
+        elif bounds is None:
             g.output(g.op("MatMul", rows_x, g.op("Transpose", rows_x, perm=[0, 2, 1])), "Gxx")
         else:  # the upper blocks only: the Gram is symmetric (numpy's a·aᵀ does the same with syrk)
             pieces = [g.op("Slice", rows_x, g.const(f"start{i}", np.array([lo])), g.const(f"end{i}", np.array([hi])),
