@@ -284,8 +284,8 @@ def shifted_geometry(point: CorrectionPoint, graph: GraphIndex, stride: int) -> 
         return None
     if graph.shapes[point.weight][2:] != (3, 3) or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return None
-    settings = {a.name: list(a.ints) for a in node.attribute if a.name in ("pads", "strides", "dilations")}
-    if settings.get("pads") != [1, 1, 1, 1] or any(v != 1 for name in ("strides", "dilations") for v in settings.get(name, [1])):
+    settings = _conv_attributes(node, 1)
+    if settings.get("pads") != [1, 1, 1, 1] or settings["strides"] != [1, 1] or settings.get("dilations", [1, 1]) != [1, 1]:
         return None
     if attribute(node, "group", 1) != 1 or shape[2] < 3 or shape[3] < 3:
         return None
@@ -347,6 +347,7 @@ class _ShiftedGram:
 
     def __init__(self, channels: int, h: int, w: int) -> None:
         self.channels, self.h, self.w = channels, h, w
+        self.layout = _shifted_pieces(h, w)
         self.pieces: dict[str, np.ndarray] = {}
 
     def add(self, v: dict[str, np.ndarray], samples: int) -> None:
@@ -357,7 +358,7 @@ class _ShiftedGram:
         def total(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
             return table[:, r1, c1] - table[:, r0, c1] - table[:, r1, c0] + table[:, r0, c0]
 
-        for name, (r0, r1, c0, c1), (di, dj) in _shifted_pieces(self.h, self.w):
+        for name, (r0, r1, c0, c1), (di, dj) in self.layout:
             left, right = total(r0, r1, c0, c1), total(r0 + di, r1 + di, c0 + dj, c1 + dj)
             count = samples * (r1 - r0) * (c1 - c0)
             raw = v[f"shifted/{name}"].astype(np.float64) + np.outer(left, m) + np.outer(m, right + count * m)
