@@ -35,11 +35,13 @@ from onnx_fskd.probes import StatsProbe  # noqa: E402
 from onnx_fskd.segments import SegmentRunner  # noqa: E402
 from onnx_fskd.stats import GramStats  # noqa: E402
 from onnx_fskd.pipeline import FitConfig, fit  # noqa: E402
+import onnx_fskd.runtime as runtime  # noqa: E402
 from onnx_fskd.runtime import make_session, resolve_providers, run_batched  # noqa: E402
 
 
 def forward_seconds(model, feeds, providers, batch) -> float:
-    session = make_session(model, providers, exact=True)  # the fit's precision: no TF32 on CUDA
+    # The fit's precision (no TF32 on CUDA), and cuDNN's fastest algorithms: the best steady forward.
+    session = make_session(model, providers, exact=True, tuned=True)
     run_batched(session, {k: v[:batch] for k, v in feeds.items()}, ["logits"], batch)  # warm-up
     start = time.perf_counter()
     run_batched(session, feeds, ["logits"], batch)
@@ -96,6 +98,32 @@ class AnonymousPeak:
             self.peak = max(self.peak or 0, kb * 1024)
 
 
+class SessionCount:
+    """How many ORT sessions the fit creates and their total set-up time, whatever thread creates them
+    (set-up is part of "runtime" and "statistics" in the profile; on CUDA it is a large part)."""
+
+    def __init__(self):
+        self.count, self.seconds, self._lock = 0, 0.0, threading.Lock()
+        base, counter = runtime.ort.InferenceSession, self
+
+        class Counted(base):
+            def __init__(self, *args, **kwargs):
+                start = time.perf_counter()
+                super().__init__(*args, **kwargs)
+                with counter._lock:
+                    counter.count += 1
+                    counter.seconds += time.perf_counter() - start
+
+        self._base, self._counted = base, Counted
+
+    def __enter__(self):
+        runtime.ort.InferenceSession = self._counted
+        return self
+
+    def __exit__(self, *exc):
+        runtime.ort.InferenceSession = self._base
+
+
 def profiled() -> Profile:
     profile = Profile()
     profile.wrap(SegmentRunner, "_run_segment", "runtime")
@@ -119,6 +147,9 @@ def main() -> None:
     parser.add_argument("--augment", default="auto", help="auto (the fit's default: flips for images) or none")
     parser.add_argument("--stats-positions", default="auto", help="auto (a grid of conv output positions) or all")
     parser.add_argument("--max-memory", default=None, help="the fit's --max-memory (e.g. 1G); default: the fit's")
+    parser.add_argument("--cuda-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="CUDA provider option for the fit's sessions, for comparison (repeatable), e.g. "
+                             "cudnn_conv_algo_search=EXHAUSTIVE (ORT's default; the fit uses HEURISTIC)")
     args = parser.parse_args()
     teacher = {"resnet18": resnet18, "mobilenet": mobilenet_v2ish}[args.net]()
     student = perturbed(teacher)
@@ -128,6 +159,7 @@ def main() -> None:
         return forward_seconds(teacher, feeds, providers, args.batch) + forward_seconds(student, feeds, providers, args.batch)
 
     before = passes()
+    runtime.UNTUNED_CUDA_OPTIONS.update(option.split("=", 1) for option in args.cuda_option)
     profile = profiled()
     start = time.perf_counter()
     options = dict(batch_size=args.batch, provider=args.provider, mode=args.mode, points=args.points,
@@ -138,7 +170,7 @@ def main() -> None:
         from onnx_fskd.memory import parse_size
 
         options["max_memory"] = parse_size(args.max_memory)
-    with AnonymousPeak() as anonymous:
+    with AnonymousPeak() as anonymous, SessionCount() as sessions:
         result = fit(teacher, student, Samples(feeds), FitConfig(**options))
     fit_time = time.perf_counter() - start
     after = passes()
@@ -153,6 +185,9 @@ def main() -> None:
              f"(budget {result.report.memory['limit_bytes'] / 2**30:.2f} GB)" if getattr(result.report, "memory", None)
              else ""))
     print(f"forward floor measured before the fit {before:.3g} s, after it {after:.3g} s")
+    print(f"sessions created by the fit: {sessions.count}, {sessions.seconds:.1f} s set-up in all"
+          + (f" (CUDA options of the fit's sessions: {runtime.session_providers(providers, True)[0][1]})"
+             if result.report.provider == "cuda" else ""))
     split = dict(profile.seconds, verify=result.report.seconds.get("verify", 0.0))
     split["other"] = fit_time - sum(split.values())
     print("profile: " + ", ".join(f"{k} {v:.1f}s ({100 * v / fit_time:.0f}%)" for k, v in split.items()))

@@ -8,15 +8,27 @@
 #   providers.txt   the ORT build, its providers and the GPU
 #   log.txt         each step's tail: `fit --provider cuda` on the shipped VGG pair and on a
 #                   50 %-pruned MobileNet-style ImageNet net, with the merge check's provider and tolerance
-#   fit_cost.txt    bench/fit_cost.py rows: CUDA (q and auto, both nets), then the host's CPU provider
+#   fit_cost.txt    bench/fit_cost.py rows: CUDA (q and auto, both nets; mobilenet q with each $COMPARE option),
+#                   then the host's CPU provider
 # The whole script took no GPU here; a dry run on the CPU checks its logic:
 #     PROVIDER=cpu SAMPLES=16 OUT=/tmp/dry bash bench/gpu_check.sh
+# The device time of a task is short: every step is cut at DEADLINE seconds from the start (default 300),
+# the most important first, and a step that would get under 20 s is skipped and logged as such.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 PROVIDER=${PROVIDER:-cuda}
 SAMPLES=${SAMPLES:-256}
+DEADLINE=${DEADLINE:-300}
+# CUDA provider options to compare with the fit's own on the MobileNet-style net (space-separated KEY=VALUE)
+COMPARE=${COMPARE:-cudnn_conv_algo_search=EXHAUSTIVE}
 mkdir -p "$OUT" "$OUT/work"
-log() { echo "== $*" | tee -a "$OUT/log.txt"; }
+log() { echo "== $*  [t=${SECONDS}s]" | tee -a "$OUT/log.txt"; }
+within() {  # within LIMIT CMD...: run CMD under min(LIMIT, time left before DEADLINE)
+    local limit=$1 left=$((DEADLINE - SECONDS)); shift
+    ((left < limit)) && limit=$left
+    if ((limit < 20)); then log "skipped, past the deadline: $*"; return 124; fi
+    timeout "$limit" "$@"
+}
 fskd() { python3 -c 'from cli.main import main; main()' "$@"; }
 summary() {  # the merge check and the held-out result of a --report file
     python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print('verified_on', r['verified_on'], \
@@ -30,7 +42,7 @@ python3 -c "import onnxruntime as o; getattr(o, 'preload_dlls', lambda: None)();
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/providers.txt"
 
 log "fit --provider $PROVIDER: shipped VGG pair"
-timeout 180 python3 -c 'from cli.main import main; main()' fit samples/vgg_teacher.onnx --student samples/vgg_student.onnx \
+within 60 python3 -c 'from cli.main import main; main()' fit samples/vgg_teacher.onnx --student samples/vgg_student.onnx \
     --data samples/calib.npz --provider "$PROVIDER" -o "$OUT/work/vgg.fskd.onnx" --report "$OUT/vgg_report.json" --force \
     2>&1 | tail -4 | tee -a "$OUT/log.txt"
 summary "$OUT/vgg_report.json"
@@ -44,24 +56,30 @@ from nets import mobilenet_v2ish
 onnx.save(mobilenet_v2ish(), f"{sys.argv[1]}/mobilenet.onnx")
 np.save(f"{sys.argv[1]}/crops.npy", np.random.default_rng(0).normal(size=(int(sys.argv[2]), 3, 224, 224)).astype(np.float32))
 EOF
-timeout 300 python3 -c 'from cli.main import main; main()' fit "$OUT/work/mobilenet.onnx" --prune 0.5 --data "$OUT/work/crops.npy" \
+within 90 python3 -c 'from cli.main import main; main()' fit "$OUT/work/mobilenet.onnx" --prune 0.5 --data "$OUT/work/crops.npy" \
     --provider "$PROVIDER" --augment none -o "$OUT/work/mobilenet.fskd.onnx" --report "$OUT/mobilenet_report.json" --force \
     2>&1 | tail -4 | tee -a "$OUT/log.txt"
 summary "$OUT/mobilenet_report.json"
 rm -rf "$OUT/work"
 
-for net in resnet18 mobilenet; do
-    for solver in q auto; do
+fit_cost() { within "$1" python3 bench/fit_cost.py --augment none --samples "$SAMPLES" --batch 64 "${@:2}" 2>&1 \
+    | tee -a "$OUT/fit_cost.txt"; }
+for solver in q auto; do
+    for net in mobilenet resnet18; do
         log "fit_cost $PROVIDER $net $solver"
-        timeout 240 python3 bench/fit_cost.py --net "$net" --solver "$solver" --augment none --provider "$PROVIDER" \
-            --samples "$SAMPLES" --batch 64 2>&1 | tee -a "$OUT/fit_cost.txt"
+        fit_cost 75 --net "$net" --solver "$solver" --provider "$PROVIDER"
     done
 done
+if [ "$PROVIDER" != cpu ]; then  # other CUDA options for the fit's sessions, against its first mobilenet q row
+    for option in $COMPARE; do
+        log "fit_cost $PROVIDER mobilenet q with $option"
+        fit_cost 75 --net mobilenet --solver q --provider "$PROVIDER" --cuda-option "$option"
+    done
+fi
 if [ "$PROVIDER" != cpu ]; then
-    for net in resnet18 mobilenet; do
+    for net in mobilenet resnet18; do
         log "fit_cost cpu $net q (the same host's CPU provider)"
-        timeout 240 python3 bench/fit_cost.py --net "$net" --solver q --augment none --provider cpu \
-            --samples "$SAMPLES" --batch 64 2>&1 | tee -a "$OUT/fit_cost.txt"
+        fit_cost 90 --net "$net" --solver q --provider cpu
     done
 fi
 log "done"

@@ -28,7 +28,7 @@ def model_figures(models: dict[str, onnx.ModelProto], samples: Samples, provider
     for name, model in models.items():
         fixed = input_specs(model)[0].batch_dim
         cost = count_costs(model, batch=1, input_shapes=input_shapes)
-        session = make_session(model, providers)
+        session = make_session(model, providers, tuned=True)  # latency: timed after a warm-up
         figures.append(ModelFigures(name, cost.params, cost.macs_per_sample,
                                     latencies(session, samples, fixed, batch_size, repeats)))
     return figures

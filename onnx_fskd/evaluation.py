@@ -68,8 +68,8 @@ def evaluate(model: onnx.ModelProto, samples: Samples | list[Samples], reference
         _check_same_interface(model, reference)
     metric = choose_metric(model, output, metric)
     providers = providers or resolve_providers("auto")
-    session = make_session(model, providers)
-    ref_session = make_session(reference, providers) if reference is not None else None
+    session = make_session(model, providers, tuned=True)
+    ref_session = make_session(reference, providers, tuned=True) if reference is not None else None
     fixed_batch = _fixed_batch(input_specs(model))
     ref_fixed_batch = _fixed_batch(input_specs(reference)) if reference is not None else None
     ours: dict[str, list[np.ndarray]] = {name: [] for name in names}

@@ -47,17 +47,25 @@ def _preload_cuda_libraries() -> None:
 # CUDA runs float32 convs and MatMuls in TF32 by default (about 1e-3 relative): sessions whose numbers
 # are compared at float32 precision (the fit's statistics, the merge check) turn it off.
 EXACT_CUDA_OPTIONS = {"use_tf32": "0"}
+# cuDNN's default search (EXHAUSTIVE) times every conv algorithm the first time a session sees an input
+# shape. The fit makes dozens of sessions that each run a few batches (a segment, a probe, a check), so
+# sessions pick from cuDNN's heuristics instead unless they are ``tuned`` (timed or long runs).
+UNTUNED_CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 
-def session_providers(providers: list[str], exact: bool) -> list[str | tuple[str, dict[str, str]]]:
-    """The providers argument for onnxruntime: CUDA with TF32 off when ``exact``."""
-    return [(name, dict(EXACT_CUDA_OPTIONS)) if exact and name == "CUDAExecutionProvider" else name
-            for name in providers]
+def session_providers(providers: list[str], exact: bool, tuned: bool = False) -> list[str | tuple[str, dict[str, str]]]:
+    """The providers argument for onnxruntime: CUDA with TF32 off when ``exact``, and cuDNN's heuristic
+    algorithm choice unless ``tuned``."""
+    options = {**(EXACT_CUDA_OPTIONS if exact else {}), **({} if tuned else UNTUNED_CUDA_OPTIONS)}
+    return [(name, dict(options)) if options and name == "CUDAExecutionProvider" else name for name in providers]
 
 
-def make_session(model: onnx.ModelProto, providers: list[str], exact: bool = False) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, providers: list[str], exact: bool = False,
+                 tuned: bool = False) -> ort.InferenceSession:
     """A session on the given providers; falls back to CPU (with a warning) when CUDA cannot start.
     ``exact``: full float32 (no TF32) on CUDA, for numbers that are checked against each other.
+    ``tuned``: let cuDNN time its conv algorithms for each input shape, for a session that runs many
+    batches or is timed; the fit's short-lived sessions skip that.
     The fit's segments and probes keep ORT's full optimisation, NCHWc blocked layout included: on an idle
     2-core machine the ResNet-18 fit took 52.8 s with it and 70.2 s without (MobileNet-like: 37.4 s vs
     36.4 s), though every segment's inputs and outputs are host tensors in plain NCHW."""
@@ -68,7 +76,7 @@ def make_session(model: onnx.ModelProto, providers: list[str], exact: bool = Fal
     if "CUDAExecutionProvider" in providers:
         _preload_cuda_libraries()
     try:
-        chosen = session_providers(providers, exact)
+        chosen = session_providers(providers, exact, tuned)
         if _weight_bytes(model) < _PROTOBUF_LIMIT // 2:
             session = ort.InferenceSession(model.SerializeToString(), options, providers=chosen)
         else:
@@ -134,7 +142,7 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], out
         chunk = {name: array[window] for name, array in feeds.items()}
         real = window.stop - window.start
         if fixed_batch and real < fixed_batch:
-            chunk = {name: _pad_rows(array, fixed_batch) for name, array in chunk.items()}
+            chunk = {name: pad_rows(array, fixed_batch) for name, array in chunk.items()}
         if results and real == size and all(a.flags.c_contiguous for a in chunk.values()):
             _run_into(session, binding, chunk, {name: results[name][window] for name in outputs})
         else:
@@ -179,7 +187,7 @@ def _run_into(session: ort.InferenceSession, binding: ort.IOBinding, feeds: dict
     session.run_with_iobinding(binding)
 
 
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     """Repeat the last sample so a model with a fixed batch size can run a short final batch."""
     extra = np.repeat(array[-1:], rows - len(array), axis=0)
     return np.concatenate([array, extra])

@@ -24,11 +24,16 @@ def test_auto_takes_cuda_only_when_onnxruntime_has_it(monkeypatch):
 
 
 def test_cuda_sessions_for_checked_numbers_turn_tf32_off():
-    """What a CUDA session is given: TF32 off where float32 numbers are compared, ORT's default elsewhere."""
+    """What a CUDA session is given: TF32 off where float32 numbers are compared, ORT's default elsewhere;
+    cuDNN's heuristic algorithm choice unless the session is tuned (timed, or runs many batches)."""
     both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert runtime.session_providers(both, exact=True) == [("CUDAExecutionProvider", {"use_tf32": "0"}),
+    heuristic = {"cudnn_conv_algo_search": "HEURISTIC"}
+    assert runtime.session_providers(both, exact=True) == [("CUDAExecutionProvider", {"use_tf32": "0", **heuristic}),
                                                            "CPUExecutionProvider"]
-    assert runtime.session_providers(both, exact=False) == both
+    assert runtime.session_providers(both, exact=False) == [("CUDAExecutionProvider", heuristic), "CPUExecutionProvider"]
+    assert runtime.session_providers(both, exact=True, tuned=True) == [("CUDAExecutionProvider", {"use_tf32": "0"}),
+                                                                       "CPUExecutionProvider"]
+    assert runtime.session_providers(both, exact=False, tuned=True) == both
     assert runtime.session_providers(["CPUExecutionProvider"], exact=True) == ["CPUExecutionProvider"]
 
 
