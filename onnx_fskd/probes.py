@@ -307,7 +307,7 @@ def _shifted_pieces(h: int, w: int) -> list[tuple[str, tuple[int, int, int, int]
     return pieces
 
 
-def _shifted_products(g: "_Builder", channels: int, h: int, w: int) -> None:
+def _shifted_products(g: "GraphBuilder", channels: int, h: int, w: int) -> None:
     """Outputs for _ShiftedGram: the input's per-channel mean m, Σ over samples of x − m (C, H, W), and
     each piece of _shifted_pieces as a product of x − m. A whole-map piece is one product per sample,
     summed over the batch: one float32 product over a whole batch's positions lost digits on narrow
@@ -416,7 +416,7 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     the point's input from cached tensors (SegmentRunner.side_graph), run first inside the probe so a
     wide input never leaves the runtime. ``shifted`` = (C, H, W) (shifted_geometry): the patch Gram comes
     as shifted channel products of the input instead (_ShiftedGram)."""
-    g = _Builder(graph.opset or 13, _X if prefix is None else point.input)
+    g = GraphBuilder(graph.opset or 13, _X if prefix is None else point.input)
     if prefix is not None:
         g.nodes.extend(prefix.graph.node)
         g.initializers.extend(prefix.graph.initializer)
@@ -527,7 +527,7 @@ def _sliceable(point: CorrectionPoint, graph: GraphIndex) -> bool:
     return _conv_output_size(point, graph) is not None
 
 
-def _patches(g: _Builder, point: CorrectionPoint, graph: GraphIndex, stride: int) -> str:
+def _patches(g: GraphBuilder, point: CorrectionPoint, graph: GraphIndex, stride: int) -> str:
     """(N, F, H', W') im2col patches of the point's conv at the sampled positions. With a known output
     size, one strided slice of the padded input per kernel offset, concatenated (features (i, j, c),
     patch_order); else a conv with one-hot kernels, in the weight's order but at F² multiply-adds per
@@ -578,7 +578,7 @@ def _initializer_positions(graph: GraphIndex, names: set[str]) -> list[int]:
     return [i for i, t in enumerate(graph.model.graph.initializer) if t.name in names]
 
 
-class _Builder:
+class GraphBuilder:
     """Node-by-node construction with fresh names; reductions in the form the opset wants."""
 
     def __init__(self, opset: int, x: str):
