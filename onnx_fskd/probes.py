@@ -160,6 +160,17 @@ class StatsProbe:
         return results
 
 
+@dataclass(frozen=True)
+class _BatchShift:
+    """One batch's row count, shifts (sx, sd) and centred sums (Sx, Sd), per block."""
+
+    n: float
+    sx: np.ndarray
+    Sx: np.ndarray
+    sd: np.ndarray
+    Sd: np.ndarray
+
+
 class _Sums:
     """Float64 running sums over batches, in the probe's own terms: n, Σx, Σd, Σx·xᵀ, Σx·dᵀ, Σd².
 
@@ -173,7 +184,7 @@ class _Sums:
         self._shifted = _ShiftedGram(*shifted) if shifted is not None else None  # Σx·xᵀ from shifted products
         self._gxx: np.ndarray | None = None  # Σ of the batches' centred products, float64
         self._gxd: np.ndarray | None = None
-        self._shifts: list[tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # n, sx, Sx, sd, Sd
+        self._shifts: list[_BatchShift] = []
 
     def add(self, v: dict[str, np.ndarray]) -> None:
         """One batch: its centred float32 products summed in float64, its shifts kept for ``xx``/``xd``."""
@@ -191,7 +202,7 @@ class _Sums:
         else:
             gxx = v["Gxx"].reshape(Sx.shape[0], Sx.shape[1], Sx.shape[1])
             self._gxx = gxx.astype(np.float64) if self._gxx is None else np.add(self._gxx, gxx, out=self._gxx)
-        self._shifts.append((n, sx, Sx, sd, Sd))
+        self._shifts.append(_BatchShift(n, sx, Sx, sd, Sd))
         self.x = self.x + n * sx + Sx
         self.d = self.d + n * sd + Sd
         self.dd += float(np.sum(Qd + 2.0 * sd * Sd + n * sd * sd))
@@ -201,17 +212,18 @@ class _Sums:
     def xx(self) -> np.ndarray:
         if self._shifted is not None:
             return self._shifted.gram()[None]
-        return self._gxx + self._shift_terms(1, 2, 1, 2)
+        return self._gxx + self._shift_terms("sx", "Sx", "sx", "Sx")
 
     @property
     def xd(self) -> np.ndarray:
-        return self._gxd + self._shift_terms(1, 2, 3, 4)
+        return self._gxd + self._shift_terms("sx", "Sx", "sd", "Sd")
 
-    def _shift_terms(self, a: int, sums_a: int, b: int, sums_b: int) -> np.ndarray:
-        """Σ over batches of s·Σbᵀ + Σa·uᵀ + n·s·uᵀ (s, u: the batch's shifts of a and b), per block:
-        with s stacked as (B, k, batches), one batched product for each term."""
-        stack = lambda i: np.stack([shifts[i] for shifts in self._shifts], axis=-1)  # noqa: E731  (B, k, batches)
-        n = np.array([shifts[0] for shifts in self._shifts])
+    def _shift_terms(self, a: str, sums_a: str, b: str, sums_b: str) -> np.ndarray:
+        """Σ over batches of s·Σbᵀ + Σa·uᵀ + n·s·uᵀ (s, u: the batch's shifts ``a`` and ``b``; Σa, Σb: its
+        centred sums ``sums_a``, ``sums_b``), per block: with s stacked as (B, k, batches), one batched
+        product for each term."""
+        stack = lambda field: np.stack([getattr(shift, field) for shift in self._shifts], axis=-1)  # noqa: E731
+        n = np.array([shift.n for shift in self._shifts])
         s, u = stack(a), stack(b)
         return s @ np.swapaxes(stack(sums_b), -1, -2) + stack(sums_a) @ np.swapaxes(u, -1, -2) \
             + (s * n) @ np.swapaxes(u, -1, -2)
@@ -471,7 +483,7 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     else:  # few positions: samples and positions as one long row axis, one product per block
         rows_x = g.rows(xc)
         rows_d = g.rows(dc)
-        bounds = _gram_blocks(in_channels) if source == "patches" else None
+        bounds = _gram_blocks(in_channels) if source == "patches" and shifted is None else None
         if shifted is not None:
             _shifted_products(g, *shifted)
         elif bounds is None:
