@@ -13,13 +13,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from .data import input_specs
+from .errors import FskdError
 from .graph import GraphIndex
-from .probes import GraphBuilder
+from .probes import PER_SAMPLE_POSITIONS, GraphBuilder
 from .runtime import batches, make_session, pad_rows
 
 _VALID = "fskd/valid"
-# Positions per sample from which one product per sample beats laying samples and positions out as rows.
-_PER_SAMPLE_POSITIONS = 1024
 
 
 def gram_model(graph: GraphIndex, tensors: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str]]:
@@ -33,7 +32,7 @@ def gram_model(graph: GraphIndex, tensors: dict[str, int]) -> tuple[onnx.ModelPr
         shape = graph.shapes.get(name)
         axis = axis % len(shape) if shape else axis
         if shape is None or not isinstance(shape[axis], int) or len(shape) < 2:
-            raise ValueError(f"internal: {name} has no known channel count")
+            raise FskdError(f"internal: {name} has no known channel count")
         channels, prefix = shape[axis], f"fskd/gram{index}/"
         tensor = name
         if axis not in (1, len(shape) - 1):  # channels to axis 1 first (planes takes first or last)
@@ -46,7 +45,7 @@ def gram_model(graph: GraphIndex, tensors: dict[str, int]) -> tuple[onnx.ModelPr
         g.output(g.reduce("ReduceSum", centred, [3], 0), prefix + "S")  # (N, 1, C): summed in float64
         g.output(g.op("Shape", planes), prefix + "shape")
         positions = [d for i, d in enumerate(shape) if i not in (0, axis)]
-        if all(isinstance(d, int) for d in positions) and int(np.prod(positions)) >= _PER_SAMPLE_POSITIONS:
+        if all(isinstance(d, int) for d in positions) and int(np.prod(positions)) >= PER_SAMPLE_POSITIONS:
             products = g.op("MatMul", centred, g.op("Transpose", centred, perm=[0, 1, 3, 2]))
             g.output(g.reduce("ReduceSum", products, [0], 0), prefix + "G")
         else:  # few positions: samples and positions as one row axis, one product

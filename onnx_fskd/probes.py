@@ -38,7 +38,7 @@ from .stats import GramStats
 
 _X, _T, _T_SKIP, _S_SKIP, _MASK = "fskd/x", "fskd/t", "fskd/t_skip", "fskd/s_skip", "fskd/mask"
 # Positions per sample from which per-sample Gram products beat one relayout into a long row axis.
-_PER_SAMPLE_POSITIONS = 1024
+PER_SAMPLE_POSITIONS = 1024
 _CHEAP_COPY = 16  # multiply-adds per output element below which the probe's copy of the op is cheap anyway
 # x: the point's output y, its input when y = A·x + b is cheaper to rebuild on the host (input_map), or
 # its input patches for the full solver.
@@ -476,7 +476,7 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     if k == 1 and source in ("output", "fed"):  # depthwise: one scalar regression per channel
         g.output(g.reduce("ReduceSum", g.op("Mul", xc, xc), [0, 3], 0), "Gxx")
         g.output(g.reduce("ReduceSum", g.op("Mul", xc, dc), [0, 3], 0), "Gxd")
-    elif positions is not None and positions >= _PER_SAMPLE_POSITIONS and source != "patches":
+    elif positions is not None and positions >= PER_SAMPLE_POSITIONS and source != "patches":
         # Many positions per sample: one (k×L)·(L×k) product per sample, summed (no relayout).
         for other, name in ((xc, "Gxx"), (dc, "Gxd")):
             g.output(g.reduce("ReduceSum", g.op("MatMul", xc, g.op("Transpose", other, perm=[0, 1, 3, 2])), [0], 0), name)
