@@ -194,3 +194,36 @@ def test_reselection_on_nhwc_and_transformer_graphs(case):
                                              for g in result.report.reselection)
     assert result.report.after.relative_error <= 1.05 * plain.after.relative_error
     assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in student.graph.node]
+
+
+def test_greedy_with_a_factored_gram_matches_explicit_updates():
+    """One feature per channel: the selection kept as a growing factor (G₀ − UᵀU) picks what explicit
+    F×F Schur updates pick, and its residual Gram diagonal and cross terms are theirs."""
+    from onnx_fskd.reselect import _Consumer, _greedy, _Objective
+
+    rng = np.random.default_rng(7)
+    features, rows = 40, 400
+    x = rng.normal(size=(rows, features)) @ rng.normal(size=(features, features))
+    z = np.hstack([x, np.ones((rows, 1))])
+    consumers = [_Consumer(f"c{i}", "x", 1, np.arange(features).reshape(-1, 1), rng.normal(size=(out, features)))
+                 for i, out in enumerate((7, 30))]
+    problems = [_Objective(c, z.T @ z) for c in consumers]
+    chosen = _greedy(problems, features, 20)
+
+    grams = [p.gram0.copy() for p in problems]
+    crosses = [p.cross0.copy() for p in problems]
+    free, picked = np.ones(features, dtype=bool), []
+    for _ in range(20):
+        gains = sum(np.sum(c ** 2, axis=0) / np.maximum(np.diag(g), 1e-30) / p.total
+                    for g, c, p in zip(grams, crosses, problems))
+        best = int(np.flatnonzero(free)[np.argmax(gains[free])])
+        picked.append(best)
+        free[best] = False
+        for g, c in zip(grams, crosses):
+            row = g[best].copy()
+            c -= np.outer(c[:, best], row) / row[best]
+            g -= np.outer(row, row) / row[best]
+    np.testing.assert_array_equal(chosen, np.sort(picked))
+    for problem, g, c in zip(problems, grams, crosses):
+        np.testing.assert_allclose(problem._diag, np.diag(g), rtol=1e-8, atol=1e-8 * np.abs(g).max())
+        np.testing.assert_allclose(problem._cross, c, rtol=1e-8, atol=1e-8 * np.abs(c).max())
