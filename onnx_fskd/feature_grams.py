@@ -45,10 +45,11 @@ def gram_model(graph: GraphIndex, tensors: dict[str, int]) -> tuple[onnx.ModelPr
         g.output(g.reduce("ReduceSum", centred, [3], 0), prefix + "S")  # (N, 1, C): summed in float64
         g.output(g.op("Shape", planes), prefix + "shape")
         positions = [d for i, d in enumerate(shape) if i not in (0, axis)]
-        if all(isinstance(d, int) for d in positions) and int(np.prod(positions)) >= PER_SAMPLE_POSITIONS:
+        count = int(np.prod(positions)) if all(isinstance(d, int) for d in positions) else 0
+        if count >= PER_SAMPLE_POSITIONS and channels <= count:  # per-sample C×C products: no larger than X
             products = g.op("MatMul", centred, g.op("Transpose", centred, perm=[0, 1, 3, 2]))
             g.output(g.reduce("ReduceSum", products, [0], 0), prefix + "G")
-        else:  # few positions: samples and positions as one row axis, one product
+        else:  # few positions, or more channels than positions: samples and positions as one row axis
             rows = g.rows(centred)
             g.output(g.op("MatMul", rows, g.op("Transpose", rows, perm=[0, 2, 1])), prefix + "G")
         prefixes[name] = prefix
