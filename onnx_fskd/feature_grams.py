@@ -34,6 +34,7 @@ def gram_model(graph: GraphIndex, tensors: dict[str, int]) -> tuple[onnx.ModelPr
         if shape is None or not isinstance(shape[axis], int) or len(shape) < 2:
             raise FskdError(f"internal: {name} has no known channel count")
         channels, prefix = shape[axis], f"fskd/gram{index}/"
+        positions = [d for i, d in enumerate(shape) if i not in (0, axis)]
         tensor = name
         if axis not in (1, len(shape) - 1):  # channels to axis 1 first (planes takes first or last)
             tensor = g.op("Transpose", name, perm=[0, axis] + [i for i in range(1, len(shape)) if i != axis])
@@ -44,7 +45,6 @@ def gram_model(graph: GraphIndex, tensors: dict[str, int]) -> tuple[onnx.ModelPr
         centred = g.op("Mul", g.op("Sub", planes, shift), weight)
         g.output(g.reduce("ReduceSum", centred, [3], 0), prefix + "S")  # (N, 1, C): summed in float64
         g.output(g.op("Shape", planes), prefix + "shape")
-        positions = [d for i, d in enumerate(shape) if i not in (0, axis)]
         count = int(np.prod(positions)) if all(isinstance(d, int) for d in positions) else 0
         if count >= PER_SAMPLE_POSITIONS and channels <= count:  # per-sample C×C products: no larger than X
             products = g.op("MatMul", centred, g.op("Transpose", centred, perm=[0, 1, 3, 2]))
@@ -77,6 +77,7 @@ def feature_grams(graph: GraphIndex, tensors: dict[str, int], samples: dict[str,
     fixed_batch = input_specs(graph.model)[0].batch_dim
     sums = {name: _Sums() for name in tensors}
     count = len(next(iter(samples.values())))
+    # Batches run here, not through runtime.run_batched: the outputs are per-batch sums, not per-sample rows.
     for window in batches(count, fixed_batch or batch_size):
         real = window.stop - window.start
         feeds = {name: array[window] for name, array in samples.items()}
