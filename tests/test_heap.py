@@ -1,0 +1,58 @@
+"""heap.retained_heap: freed memory stays in the process inside it, and goes back to the kernel after."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from onnx_fskd import heap
+from onnx_fskd.heap import retained_heap
+
+BLOCK = 256 << 20
+pytestmark = pytest.mark.skipif(heap._LIBC is None or not os.path.exists("/proc/self/statm"),
+                                reason="glibc on Linux only (elsewhere retained_heap changes nothing)")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _touch_and_free() -> None:
+    block = np.ones(BLOCK // 8)
+    del block
+
+
+def test_a_freed_block_goes_back_to_the_kernel_outside():
+    start = _rss()
+    _touch_and_free()
+    assert _rss() - start < BLOCK / 4
+
+
+def test_a_freed_block_stays_inside_is_reused_and_is_returned_at_the_end():
+    with retained_heap():
+        start = _rss()
+        _touch_and_free()
+        held = _rss() - start
+        assert held > 0.75 * BLOCK
+        _touch_and_free()  # the same memory again, not another block
+        assert _rss() - start < held + BLOCK / 4
+    assert _rss() - start < BLOCK / 4
+
+
+def test_nested_uses_keep_memory_until_the_outermost_ends():
+    with retained_heap():
+        start = _rss()
+        with retained_heap():
+            _touch_and_free()
+        assert _rss() - start > 0.75 * BLOCK
+    assert _rss() - start < BLOCK / 4
+
+
+def test_glibc_settings_from_the_environment_are_left_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    assert heap._glibc() is None
+    monkeypatch.delenv("MALLOC_MMAP_MAX_")
+    assert heap._glibc() is not None
