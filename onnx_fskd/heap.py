@@ -16,7 +16,6 @@ are its defaults again, except that its mmap threshold no longer adapts (any ``m
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from collections.abc import Iterator
@@ -28,25 +27,21 @@ _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 
 _lock = threading.Lock()
-_depth = 0
+_depth = 0  # retained_heap calls active; the settings change at the first and revert at the last
+_libc: ctypes.CDLL | None = None
 
 
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc and the user has not tuned it through the environment, else None."""
     if os.environ.get("MALLOC_MMAP_MAX_") is not None or os.environ.get("MALLOC_TRIM_THRESHOLD_") is not None:
         return None
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only (musl, macOS: absent)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(None)  # the symbols already loaded into the process: its C library among them
+    except (OSError, TypeError):  # Windows has no such handle
         return None
-
-
-_LIBC = _glibc()
+    if not all(hasattr(libc, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
+        return None  # not glibc (musl, macOS): nothing to set
+    return libc
 
 
 @contextmanager
@@ -54,21 +49,20 @@ def retained_heap() -> Iterator[None]:
     """Serve large allocations from glibc's heap and keep freed memory there until the outermost
     ``retained_heap`` ends; then return the free memory to the kernel. Nested and concurrent uses share
     one setting."""
-    global _depth
-    if _LIBC is None:
-        yield
-        return
+    global _depth, _libc
     with _lock:
         if _depth == 0:
-            _LIBC.mallopt(_M_MMAP_MAX, 0)
-            _LIBC.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
+            _libc = _glibc()
+            if _libc is not None:
+                _libc.mallopt(_M_MMAP_MAX, 0)
+                _libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
         _depth += 1
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0:
-                _LIBC.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                _LIBC.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-                _LIBC.malloc_trim(0)
+            if _depth == 0 and _libc is not None:
+                _libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                _libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                _libc.malloc_trim(0)

@@ -11,7 +11,7 @@ from onnx_fskd import heap
 from onnx_fskd.heap import retained_heap
 
 BLOCK = 256 << 20
-pytestmark = pytest.mark.skipif(heap._LIBC is None or not os.path.exists("/proc/self/statm"),
+pytestmark = pytest.mark.skipif(heap._glibc() is None or not os.path.exists("/proc/self/statm"),
                                 reason="glibc on Linux only (elsewhere retained_heap changes nothing)")
 
 
