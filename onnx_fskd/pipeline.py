@@ -41,8 +41,8 @@ from .verify import EXACTNESS_TOLERANCE, check_model, exactness, verified_on, wi
 
 # Memory the teacher may fill ahead with the outputs of upcoming points: longer teacher segments, but
 # every byte is written once and held until its point. MobileNet-like, 256 samples, 2-core: 1 GiB took
-# 13.6–15.2 s at 4.2 GB peak RSS, 256 MiB 11.6–12.0 s at 2.6 GB (5 teacher segments instead of 2);
-# ResNet-18 the same either way (20.4–21.0 s, 2.6 GB).
+# 9.0–9.2 s at 4.0–4.3 GB peak RSS, 256 MiB 7.5–7.8 s at 2.9–3.5 GB (5 teacher segments instead of 2;
+# without heap.py 13.6–15.2 s against 11.6–12.0 s); ResNet-18 the same either way (20.4–21.0 s, 2.6 GB).
 PREFETCH_BYTES = 256 << 20
 
 Progress = Callable[[str, int, int], None]  # ("points" | "samples", done, total)
