@@ -17,6 +17,7 @@ shifted) correlations, which would need the k²-times larger patch Gram for a ch
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -200,10 +201,11 @@ def _weight_rows(node: onnx.NodeProto, graph: GraphIndex) -> np.ndarray:
 
 # --- statistics and selection ---------------------------------------------------------------------
 
-class _Objective:
+class _Objective(ABC):
     """One consumer's reconstruction problem in Schur-complement form, on the group's own features:
-    ``gram``/``cross`` are the Gram and ``W G`` with the always-kept features (other channels, the
-    constant 1) and the already-chosen ones projected out; ``total`` is ‖W X‖²."""
+    ``gram0``/``cross0`` are the Gram and ``W G`` with the always-kept features (other channels, the
+    constant 1) projected out, and a selection projects the chosen ones out of them in turn (how: the
+    subclasses); ``total`` is ‖W X‖²."""
 
     def __init__(self, consumer: _Consumer, gram: np.ndarray):
         width = gram.shape[0] - 1
@@ -226,31 +228,45 @@ class _Objective:
         self.remaining = float(np.sum(cross.T * scipy.linalg.solve(gram, cross.T, assume_a="pos")))
         self.reset()
 
+    @abstractmethod
     def reset(self) -> None:
-        """Start a selection with nothing chosen. With one feature per channel (every consumer but a
-        flattening Gemm) the Schur complement is kept as ``G₀ − UᵀU`` with a growing factor ``U``
-        (one row per chosen feature, as in a pivoted Cholesky): a step reads t×F numbers instead of
-        rewriting the F×F Gram (F = 2048, 1024 chosen: 18.1 s → 1.1 s on 2 cores, same choice)."""
-        if self.positions.shape[1] == 1:
-            self._diag = np.diag(self.gram0).copy()
-            self._cross = np.array(self.cross0, order="F")  # columns contiguous: BLAS updates it in place
-            self._factor = np.empty((min(64, len(self._diag)), len(self._diag)))
-            self._taken = 0
-        else:
-            self.gram, self.cross = self.gram0.copy(), self.cross0.copy()
+        """Start a selection with nothing chosen."""
+
+    @abstractmethod
+    def take(self, features: np.ndarray) -> None:
+        """Project the features of one chosen channel out of the problem."""
+
+    @abstractmethod
+    def gains(self, candidates: np.ndarray) -> np.ndarray:
+        """Explained output energy each candidate channel would add, as a fraction of the total."""
+
+    def error(self, kept: np.ndarray) -> float:
+        """Output energy a refit on the kept channels (and the always-kept features) cannot reproduce."""
+        if self.total <= 0:
+            return 0.0
+        index = self.positions[kept].reshape(-1)
+        cross = self.cross0[:, index]
+        explained = np.sum(cross.T * scipy.linalg.solve(self.gram0[np.ix_(index, index)], cross.T, assume_a="pos"))
+        return max(0.0, (self.remaining - float(explained)) / self.total)
+
+
+
+class _ChannelObjective(_Objective):
+    """One feature per channel (every consumer but a flattening Gemm): the Schur complement is kept as
+    ``G₀ − UᵀU`` with a growing factor ``U`` (one row per chosen feature, as in a pivoted Cholesky), so a
+    step reads t×F numbers instead of rewriting the F×F Gram (F = 2048, 1024 chosen: 18.1 s → 1.1 s on
+    2 cores, same choice)."""
+
+    def reset(self) -> None:
+        self._diag = np.diag(self.gram0).copy()
+        self._cross = np.array(self.cross0, order="F")  # columns contiguous: BLAS updates it in place
+        self._factor = np.empty((min(64, len(self._diag)), len(self._diag)))
+        self._taken = 0
 
     def take(self, features: np.ndarray) -> None:
-        if self.positions.shape[1] == 1:
-            self._take_one(int(features[0]))
-            return
-        rows = self.gram[features]
-        solved = scipy.linalg.solve(rows[:, features], rows, assume_a="pos")
-        self.cross -= self.cross[:, features] @ solved
-        self.gram -= rows.T @ solved
-
-    def _take_one(self, feature: int) -> None:
-        """Project feature ``feature`` out: G ← G − u·uᵀ and C ← C − v·uᵀ with u = G[f]/√G[f,f],
-        v = C[:, f]/√G[f,f], the row G[f] rebuilt from the factor."""
+        """G ← G − u·uᵀ and C ← C − v·uᵀ with u = G[f]/√G[f,f], v = C[:, f]/√G[f,f], the row G[f]
+        rebuilt from the factor."""
+        feature = int(features[0])
         taken, factor = self._taken, self._factor
         row = self.gram0[feature] - factor[:taken, feature] @ factor[:taken]
         scale = 1.0 / np.sqrt(max(row[feature], 1e-30))
@@ -263,11 +279,25 @@ class _Objective:
         self._cross = scipy.linalg.blas.dger(-scale, self._cross[:, feature].copy(), u, a=self._cross, overwrite_a=1)
 
     def gains(self, candidates: np.ndarray) -> np.ndarray:
-        """Explained output energy each candidate channel would add, as a fraction of the total."""
-        if self.positions.shape[1] == 1:
-            index = self.positions[candidates, 0]
-            energy = np.einsum("ij,ij->j", self._cross, self._cross)[index]
-            return energy / np.maximum(self._diag[index], 1e-30) / self.total
+        index = self.positions[candidates, 0]
+        energy = np.einsum("ij,ij->j", self._cross, self._cross)[index]
+        return energy / np.maximum(self._diag[index], 1e-30) / self.total
+
+
+class _BlockObjective(_Objective):
+    """Several features per channel (a Gemm reading a flattened map: one per position): explicit Schur
+    updates of the Gram, one small solve per channel."""
+
+    def reset(self) -> None:
+        self.gram, self.cross = self.gram0.copy(), self.cross0.copy()
+
+    def take(self, features: np.ndarray) -> None:
+        rows = self.gram[features]
+        solved = scipy.linalg.solve(rows[:, features], rows, assume_a="pos")
+        self.cross -= self.cross[:, features] @ solved
+        self.gram -= rows.T @ solved
+
+    def gains(self, candidates: np.ndarray) -> np.ndarray:
         out = np.empty(len(candidates))
         for i, channel in enumerate(candidates):
             index = self.positions[channel]
@@ -275,14 +305,9 @@ class _Objective:
             out[i] = np.sum(cross.T * scipy.linalg.solve(self.gram[np.ix_(index, index)], cross.T, assume_a="pos"))
         return out / self.total
 
-    def error(self, kept: np.ndarray) -> float:
-        """Output energy a refit on the kept channels (and the always-kept features) cannot reproduce."""
-        if self.total <= 0:
-            return 0.0
-        index = self.positions[kept].reshape(-1)
-        cross = self.cross0[:, index]
-        explained = np.sum(cross.T * scipy.linalg.solve(self.gram0[np.ix_(index, index)], cross.T, assume_a="pos"))
-        return max(0.0, (self.remaining - float(explained)) / self.total)
+
+def _objective(consumer: _Consumer, gram: np.ndarray) -> _Objective:
+    return (_ChannelObjective if consumer.positions.shape[1] == 1 else _BlockObjective)(consumer, gram)
 
 
 def _select(consumers: list[_Consumer], grams: dict[str, np.ndarray], channels: int,
@@ -291,7 +316,7 @@ def _select(consumers: list[_Consumer], grams: dict[str, np.ndarray], channels: 
     BLAS thread: thousands of small updates, which OpenBLAS's threads slow down (mobilenet-like net,
     2 cores: 2.9-3.2 s with them, 2.35 s without)."""
     with threadpool_limits(limits=1, user_api="blas"):
-        problems = [_Objective(c, grams[c.tensor]) for c in consumers]
+        problems = [_objective(c, grams[c.tensor]) for c in consumers]
         new = _greedy(problems, channels, len(old))
         return new, _error(problems, old), _error(problems, new)
 

@@ -199,7 +199,7 @@ def test_reselection_on_nhwc_and_transformer_graphs(case):
 def test_greedy_with_a_factored_gram_matches_explicit_updates():
     """One feature per channel: the selection kept as a growing factor (G₀ − UᵀU) picks what explicit
     F×F Schur updates pick, and its residual Gram diagonal and cross terms are theirs."""
-    from onnx_fskd.reselect import _Consumer, _greedy, _Objective
+    from onnx_fskd.reselect import _ChannelObjective, _Consumer, _greedy, _objective
 
     rng = np.random.default_rng(7)
     features, rows = 40, 400
@@ -207,7 +207,8 @@ def test_greedy_with_a_factored_gram_matches_explicit_updates():
     z = np.hstack([x, np.ones((rows, 1))])
     consumers = [_Consumer(f"c{i}", "x", 1, np.arange(features).reshape(-1, 1), rng.normal(size=(out, features)))
                  for i, out in enumerate((7, 30))]
-    problems = [_Objective(c, z.T @ z) for c in consumers]
+    problems = [_objective(c, z.T @ z) for c in consumers]
+    assert all(isinstance(p, _ChannelObjective) for p in problems)
     chosen = _greedy(problems, features, 20)
 
     grams = [p.gram0.copy() for p in problems]
