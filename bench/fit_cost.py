@@ -8,10 +8,11 @@ default) adds a flipped copy of every fit sample, so the fit processes 1.8× tho
 ``--augment none`` for the cost of the fit's machinery per sample.
 
 Both timings run in this process on the same machine, after a warm-up. Prints a Markdown row and the
-fit's profile: runtime (the segment runs of both nets: session set-up and ORT), statistics (in-graph
-probes, or NumPy sums on the host), solve (the small ridge systems), verify, and the rest. Memory: the
-process's peak RSS, and on Linux the peak of its anonymous memory (RSS less file-backed pages, which
-is what ``--max-memory`` bounds: the cache past it lives in a mapped file the kernel can page out)."""
+fit's profile: runtime (teacher) and runtime (student), the segment runs of each net (session set-up
+and ORT), statistics (in-graph probes, or NumPy sums on the host), solve (the small ridge systems),
+verify, and the rest. Memory: the process's peak RSS, and on Linux the peak of its anonymous memory
+(RSS less file-backed pages, which is what ``--max-memory`` bounds: the cache past it lives in a
+mapped file the kernel can page out)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ class Profile:
         self.seconds: dict[str, float] = {}
         self._depth = 0
 
-    def wrap(self, owner, name: str, category: str) -> None:
+    def wrap(self, owner, name: str, category) -> None:
+        """``category``: a name, or a function of the call's first argument that gives one."""
         original = getattr(owner, name)
 
         def timed(*args, **kwargs):
@@ -73,7 +75,8 @@ class Profile:
                 return original(*args, **kwargs)
             finally:
                 self._depth -= 1
-                self.seconds[category] = self.seconds.get(category, 0.0) + time.perf_counter() - start
+                label = category(args[0]) if callable(category) else category
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
 
         setattr(owner, name, timed)
 
@@ -132,7 +135,17 @@ class SessionCount:
 
 def profiled() -> Profile:
     profile = Profile()
-    profile.wrap(SegmentRunner, "_run_segment", "runtime")
+    # The fit makes the teacher's runner first, then the student's (pipeline._fit_points).
+    runners: list[SegmentRunner] = []
+    original_init = SegmentRunner.__init__
+
+    def init(runner, *args, **kwargs):
+        original_init(runner, *args, **kwargs)
+        runners.append(runner)
+
+    SegmentRunner.__init__ = init
+    profile.wrap(SegmentRunner, "_run_segment",
+                 lambda runner: "runtime (student)" if runners.index(runner) % 2 else "runtime (teacher)")
     profile.wrap(StatsProbe, "__init__", "statistics")
     profile.wrap(StatsProbe, "accumulate", "statistics")
     profile.wrap(GramStats, "add", "statistics")
