@@ -24,6 +24,7 @@ import resource
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -135,17 +136,17 @@ class SessionCount:
 
 def profiled() -> Profile:
     profile = Profile()
-    # The fit makes the teacher's runner first, then the student's (pipeline._fit_points).
-    runners: list[SegmentRunner] = []
+    # The fit makes the teacher's runner first, then the student's (pipeline._fit_points). Weak references:
+    # holding the runners (and their caches) past the fit would change what it measures.
+    roles: weakref.WeakKeyDictionary[SegmentRunner, str] = weakref.WeakKeyDictionary()
     original_init = SegmentRunner.__init__
 
     def init(runner, *args, **kwargs):
         original_init(runner, *args, **kwargs)
-        runners.append(runner)
+        roles[runner] = "runtime (student)" if len(roles) % 2 else "runtime (teacher)"
 
     SegmentRunner.__init__ = init
-    profile.wrap(SegmentRunner, "_run_segment",
-                 lambda runner: "runtime (student)" if runners.index(runner) % 2 else "runtime (teacher)")
+    profile.wrap(SegmentRunner, "_run_segment", lambda runner: roles[runner])
     profile.wrap(StatsProbe, "__init__", "statistics")
     profile.wrap(StatsProbe, "accumulate", "statistics")
     profile.wrap(GramStats, "add", "statistics")
