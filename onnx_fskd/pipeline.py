@@ -560,7 +560,7 @@ def _restrict(teacher_tensor: np.ndarray, kept: np.ndarray, axis: int) -> np.nda
 
 
 def _teacher_prefetch(upcoming: list[PointPair], choices: list[_Choice], runner: SegmentRunner, graph: GraphIndex,
-                      count: int, with_skips: bool, budget: int = PREFETCH_BYTES) -> list[str]:
+                      count: int, with_skips: bool, budget: int) -> list[str]:
     """Teacher tensors of the next points, on their grids of positions, that fit in the budget: the teacher
     needs no cut per point (nothing is corrected in it), so it runs in a few long segments instead of one
     per point."""

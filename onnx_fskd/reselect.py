@@ -250,7 +250,6 @@ class _Objective(ABC):
         return max(0.0, (self.remaining - float(explained)) / self.total)
 
 
-
 class _ChannelObjective(_Objective):
     """One feature per channel (every consumer but a flattening Gemm): the Schur complement is kept as
     ``G₀ − UᵀU`` with a growing factor ``U`` (one row per chosen feature, as in a pivoted Cholesky), so a
