@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import os
 import platform
 import resource
@@ -170,6 +171,8 @@ def main() -> None:
     parser.add_argument("--cuda-option", action="append", default=[], metavar="KEY=VALUE",
                         help="CUDA provider option for the fit's sessions, for comparison (repeatable), e.g. "
                              "cudnn_conv_algo_search=EXHAUSTIVE (ORT's default; the fit uses HEURISTIC)")
+    parser.add_argument("--cprofile", default=None, metavar="FILE",
+                        help="also write the fit's cProfile statistics to FILE (pstats; adds overhead to the timing)")
     args = parser.parse_args()
     teacher = {"resnet18": resnet18, "mobilenet": mobilenet_v2ish}[args.net]()
     student = perturbed(teacher)
@@ -192,8 +195,13 @@ def main() -> None:
         from onnx_fskd.memory import parse_size
 
         options["max_memory"] = parse_size(args.max_memory)
-    with AnonymousPeak() as anonymous, SessionCount() as sessions:
+    # cProfile (Python 3.12+) records every thread: the memory sampler's waits would swallow the fit's own time.
+    profiler = cProfile.Profile() if args.cprofile else contextlib.nullcontext()
+    sampler = contextlib.nullcontext(AnonymousPeak()) if args.cprofile else AnonymousPeak()
+    with sampler as anonymous, SessionCount() as sessions, profiler:
         result = fit(teacher, student, Samples(feeds), FitConfig(**options))
+    if args.cprofile:
+        profiler.dump_stats(args.cprofile)
     fit_time = time.perf_counter() - start
     after = passes()
     floor = min(before, after)  # the machine may be shared: the fastest forward is the conservative floor
@@ -217,7 +225,8 @@ def main() -> None:
     print(f"statistics computed in: {', '.join(sorted(statistics))}; points kept: "
           f"{sum(p.status == 'kept' for p in result.report.points)}/{len(result.report.points)}, "
           f"held-out output error {result.report.before.relative_error:.4f} → {result.report.after.relative_error:.4f}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}; "
+          f"code: {Path(correct.__file__).parent}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ channel re-selection), from nodes appended to the model, so that only C×C matri
 Per batch and tensor the graph returns a per-channel shift ``s`` (the batch mean), the centred sums per
 sample and the Gram of the centred values; the host adds the shift terms back and accumulates in
 float64 (the same guard against float32 cancellation as the point probes, probes.py). A 0/1 weight per
-sample drops the rows that pad a short last batch of a model with a fixed batch size."""
+sample drops the rows that pad a short last batch: that of a model with a fixed batch size, and on CUDA
+any (one input shape per session there: runtime.padded_rows)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .data import input_specs
 from .errors import FskdError
 from .graph import GraphIndex
 from .probes import PER_SAMPLE_POSITIONS, GraphBuilder
-from .runtime import batches, make_session, pad_rows
+from .runtime import batches, make_session, pad_rows, padded_rows
 
 _VALID = "fskd/valid"
 
@@ -77,14 +78,15 @@ def feature_grams(graph: GraphIndex, tensors: dict[str, int], samples: dict[str,
     fixed_batch = input_specs(graph.model)[0].batch_dim
     sums = {name: _Sums() for name in tensors}
     count = len(next(iter(samples.values())))
+    padded = padded_rows(session, count, batch_size, fixed_batch)
     # Batches run here, not through runtime.run_batched: the outputs are per-batch sums, not per-sample rows.
     for window in batches(count, fixed_batch or batch_size):
         real = window.stop - window.start
         feeds = {name: array[window] for name, array in samples.items()}
         valid = np.ones(real, np.float32)
-        if fixed_batch and real < fixed_batch:
-            feeds = {name: pad_rows(array, fixed_batch) for name, array in feeds.items()}
-            valid = np.concatenate([valid, np.zeros(fixed_batch - real, np.float32)])
+        if padded and real < padded:  # the padding rows weigh nothing
+            feeds = {name: pad_rows(array, padded) for name, array in feeds.items()}
+            valid = np.concatenate([valid, np.zeros(padded - real, np.float32)])
         values = dict(zip(names, session.run(names, {**feeds, _VALID: valid})))
         for name, prefix in prefixes.items():
             sums[name].add(values[prefix + "s"], values[prefix + "S"][:real], values[prefix + "G"],

@@ -420,27 +420,36 @@ def _verify(student: onnx.ModelProto, given_student: onnx.ModelProto, merged: on
     fixed_batch = input_specs(student)[0].batch_dim
     out_name = student.graph.output[0].name
     outputs = [o.name for o in student.graph.output]
-    student_session, merged_session = (make_session(m, providers, exact=True) for m in (given_student, merged))
+    # The merge check runs on the CPU provider whatever the fit's: float32 there is exact (no TF32), and
+    # two fresh CUDA sessions of a whole net cost more in cuDNN set-up than 8 samples on the host's CPU
+    # (runtime.padded_rows: 0.7 s each for the MobileNet-like net on an H100).
+    check_providers = ["CPUExecutionProvider"]
+    check_session = make_session(merged, check_providers, exact=True)
     verify_rows = rows.held if judged is not None else rows.fit
     check_rows = slice(verify_rows.start, min(verify_rows.stop, verify_rows.start + config.verify_samples))
     check_feeds = {k: v[check_rows] for k, v in samples.arrays.items()}
-    checked = run_batched(merged_session, check_feeds, outputs, config.batch_size, fixed_batch)
+    checked = run_batched(check_session, check_feeds, outputs, config.batch_size, fixed_batch)
     report.exactness = exactness(checked, _explicit_reference(student, fitted.fits), check_feeds,
-                                 providers, config.batch_size, fixed_batch)
-    report.exactness_tolerance, report.verified_on = EXACTNESS_TOLERANCE, verified_on(merged_session)
+                                 check_providers, config.batch_size, fixed_batch)
+    report.exactness_tolerance, report.verified_on = EXACTNESS_TOLERANCE, verified_on(check_session)
     if report.exactness > EXACTNESS_TOLERANCE:
         raise FskdError(f"internal: merged model differs from the explicit-Q model by {report.exactness:.2e} "
                         f"(> {EXACTNESS_TOLERANCE}, checked on {report.verified_on}); nothing written")
     feeds = {k: v[verify_rows] for k, v in samples.arrays.items()}
-    run = lambda model_session: run_batched(model_session, feeds, [out_name], config.batch_size, fixed_batch)[out_name]  # noqa: E731
+    run = lambda session: run_batched(session, feeds, [out_name], config.batch_size, fixed_batch)[out_name]  # noqa: E731
     reference = fitted.teacher_outputs[verify_rows]
+    student_session = make_session(given_student, providers, exact=True)
     before = run(student_session)
     if config.mode == "sequential":
         # The fit's own output of the corrected student is the written model's output (same weights): where
         # the two agree on the checked samples, it stands for the written model's run on the verify rows.
         report.consistency = relative_error(checked[out_name], fitted.predicted_outputs[check_rows])
     consistent = report.consistency is not None and report.consistency <= EXACTNESS_TOLERANCE
-    after = fitted.predicted_outputs[verify_rows] if consistent else run(merged_session)
+    if consistent:
+        after = fitted.predicted_outputs[verify_rows]
+    else:  # the written model runs where the fit did
+        on_cpu = session_device(student_session) == "cpu"
+        after = run(check_session if on_cpu else make_session(merged, providers, exact=True))
     report.provider = session_device(student_session)
     metric, mask = choose_metric(student, out_name), padding_mask(feeds, before)
     measure = lambda y: OutputMetrics.of(compare(y, reference, metric, mask), metric)  # noqa: E731

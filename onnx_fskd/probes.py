@@ -13,7 +13,8 @@ residual ``D = T − Y`` per diagonal block:
   keeps the float32 rounding proportional to the student's error, not to the activations, which is
   what the held-out guard needs when the student is already close.
 
-An optional 0/1 row weight (``attention_mask`` for token rows) drops padded rows from every sum. For
+An optional 0/1 row weight (``attention_mask`` for token rows) drops padded rows from every sum; on
+CUDA a 0/1 weight per sample also drops the rows that pad every batch to one shape (runtime.padded_rows). For
 the full solver the sums are those of the op's input patches (im2col as strided slices of the padded
 input) against the target instead. A conv's sums may read every s-th row and column of its output only
 (sampling.py): the copy of the op then runs with s times its strides. A wide input (an expansion's
@@ -31,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from .graph import GraphIndex
 from .ops.base import attribute
 from .points import CorrectionPoint
-from .runtime import make_session
+from .runtime import make_session, one_batch_shape, pad_rows
 from .sampling import grid_slice, strided_copies
 from .solver_policy import patch_features
 from .stats import GramStats
@@ -139,8 +140,10 @@ class StatsProbe:
         self.order = patch_order(point, graph) if full is not None and point.op_type == "Conv" else None
         source = "patches" if full is not None else "fed" if fed_output else \
             "input" if self.via_input is not None else "output"
-        self.shifted = shifted_geometry(point, graph, stride) if source == "patches" and not masked else None
-        self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, masked, source, stride,
+        self.padded = one_batch_shape(providers)  # every batch padded to one shape, the padding weighted 0
+        weighted = masked or self.padded
+        self.shifted = shifted_geometry(point, graph, stride) if source == "patches" and not weighted else None
+        self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, weighted, source, stride,
                             prefix, self.shifted)
         self.session = make_session(self.model, providers, exact=True)
         self.outputs = [output.name for output in self.model.graph.output]
@@ -148,16 +151,28 @@ class StatsProbe:
     def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int) -> list[GramStats]:
         """One GramStats per part of the samples (fit rows, held-out rows), batches never straddling parts."""
         results = []
+        rows = min(batch_size, max(part.stop - part.start for part in parts))  # of every batch, when padded
         with threadpool_limits(limits=1, user_api="blas"):  # small host products: see solve._solve_spd
             for part in parts:
                 sums = _Sums(self.shifted)
                 for start in range(part.start, part.stop, batch_size):
                     window = slice(start, min(start + batch_size, part.stop))
-                    values = dict(zip(self.outputs, self.session.run(self.outputs, feeds.window(window))))
+                    batch = feeds.window(window) if not self.padded else _padded(feeds.window(window), rows)
+                    values = dict(zip(self.outputs, self.session.run(self.outputs, batch)))
                     sums.add(_assembled(values) if "Gxx/0/0" in values else values)
                 results.append(sums.patch_stats(*self.full, self.order) if self.full is not None
                                else sums.gram_stats(self.point, self.via_input))
         return results
+
+
+def _padded(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """A probe's batch padded to ``rows`` samples (the last one repeated), with a row weight that is 0 on
+    the padding: the token mask where there is one, else one weight per sample."""
+    real = len(next(iter(batch.values())))
+    mask = batch.get(_MASK, np.ones((real, 1), np.int64))
+    padded = {name: pad_rows(value, rows) for name, value in batch.items() if name != _MASK}
+    padded[_MASK] = np.concatenate([mask, np.zeros((rows - real,) + mask.shape[1:], mask.dtype)])
+    return padded
 
 
 @dataclass(frozen=True)
@@ -463,9 +478,13 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     else:
         xp = g.planes(y, axis, blocks, k, point.channels)
     weight = None
-    if masked:  # (N, L) → (N, 1, 1, L) rows weights
+    if masked:  # (N, L) → (N, 1, 1, L) row weights; a per-sample (N, 1) weight spread over the L rows
         weight = g.op("Cast", g.op("Reshape", _MASK, g.const("mask_shape", np.array([0, 1, 1, -1]))),
                       to=TensorProto.FLOAT)
+        zero, three, four = (g.const(f"index{i}", np.array([i])) for i in (0, 3, 4))
+        rows_shape = g.op("Concat", g.op("Slice", g.op("Shape", weight), zero, three),
+                          g.op("Slice", g.op("Shape", dp), three, four), axis=0)  # (N, 1, 1, L)
+        weight = g.op("Expand", weight, rows_shape)
     g.output(g.op("Shape", dp), "shape")
     g.output(g.reduce("ReduceSum", weight, [0, 1, 2, 3], 0) if masked else g.const("no_mask", np.float32(-1)), "rows")
     xc = g.centred(xp, "sx", weight)

@@ -66,7 +66,7 @@ class FitReport:
     written_in_sample: OutputMetrics | None = None  # the written model on the same samples: it was refitted on them
     exactness: float = 0.0    # max relative error: merged model vs. model with explicit Q nodes
     exactness_tolerance: float = 0.0  # the bound exactness was checked against
-    verified_on: str = ""     # provider of that check: "cpu" or "cuda (use_tf32=0)"
+    verified_on: str = ""     # provider of that check: "cpu" (whatever the fit's provider)
     consistency: float | None = None  # sequential: merged model vs. the corrected activations the fit used
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

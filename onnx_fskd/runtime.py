@@ -117,6 +117,25 @@ def session_precision(session: ort.InferenceSession) -> str:
     return "fp32" if tf32 == "0" else "tf32"
 
 
+# On CUDA the first run of each new input shape sets up cuDNN for every conv of the session: 0.72–0.85 s
+# for the MobileNet-like net (52 convs) on an H100, against 0.011 s for a second run of that shape
+# (bench/cuda_sessions.py). There every batch of a session has one shape: a short batch is padded.
+_ONE_SHAPE_DEVICES = ("cuda",)
+
+
+def one_batch_shape(providers: list[str]) -> bool:
+    """Whether sessions on ``providers`` pad short batches to keep one input shape (CUDA)."""
+    return any(name.removesuffix("ExecutionProvider").lower() in _ONE_SHAPE_DEVICES for name in providers)
+
+
+def padded_rows(session: ort.InferenceSession, count: int, batch_size: int, fixed_batch: int | None) -> int | None:
+    """The rows every batch of ``count`` samples is padded to, or None (batches run as they come): the
+    model's fixed batch size, or on CUDA ``batch_size`` when the samples take more than one batch."""
+    if fixed_batch:
+        return fixed_batch
+    return batch_size if count > batch_size and session_device(session) in _ONE_SHAPE_DEVICES else None
+
+
 def batches(count: int, batch_size: int) -> Iterator[slice]:
     for start in range(0, count, batch_size):
         yield slice(start, min(start + batch_size, count))
@@ -127,7 +146,7 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], out
                 on_batch: Callable[[int, int], None] | None = None,
                 allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty) -> dict[str, np.ndarray]:
     """Run over all samples in batches into preallocated arrays; a fixed batch dimension is honoured by
-    padding the last batch. ``on_batch(done, total)`` reports progress in samples; ``allocate`` makes the
+    padding the last batch, as is one shape per session on CUDA (padded_rows). ``on_batch(done, total)`` reports progress in samples; ``allocate`` makes the
     result arrays (a BufferPool's recycled memory, say)."""
     count = len(next(iter(feeds.values())))
     size = fixed_batch or batch_size
@@ -136,13 +155,14 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], out
         if on_batch:
             on_batch(count, count)
         return dict(zip(outputs, values))
+    padded = padded_rows(session, count, batch_size, fixed_batch)
     results = _preallocated(session, outputs, count, allocate)
     binding = session.io_binding()
     for window in batches(count, size):
         chunk = {name: array[window] for name, array in feeds.items()}
         real = window.stop - window.start
-        if fixed_batch and real < fixed_batch:
-            chunk = {name: pad_rows(array, fixed_batch) for name, array in chunk.items()}
+        if padded and real < padded:
+            chunk = {name: pad_rows(array, padded) for name, array in chunk.items()}
         if results and real == size and all(a.flags.c_contiguous for a in chunk.values()):
             _run_into(session, binding, chunk, {name: results[name][window] for name in outputs})
         else:

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
+import onnx_fskd.feature_grams as feature_grams_module
+import onnx_fskd.runtime as runtime
 from builders import NetBuilder, random_inputs, token_mlp, vgg_net
 from onnx_fskd.feature_grams import feature_grams
 from onnx_fskd.graph import GraphIndex
@@ -37,6 +39,23 @@ def reference(model: onnx.ModelProto, tensors: dict[str, int], feeds: dict[str, 
     return grams
 
 
+def padding_checked(make_session, rows: int):
+    """make_session whose sessions assert that every run is fed ``rows`` samples."""
+
+    class Checked:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, outputs, feeds):
+            assert {len(v) for v in feeds.values()} == {rows}
+            return self.session.run(outputs, feeds)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    return lambda *args, **kwargs: Checked(make_session(*args, **kwargs))
+
+
 CASES = {
     "nchw-few-positions": (vgg_net, {"c2.relu": 1, "p2": 1, "f1.relu": 1}),
     "nchw-many-positions": (wide_net, {"c1.relu": 1, "c2.relu": 1}),
@@ -45,10 +64,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("fixed_batch", [None, 8])
-def test_in_graph_grams_match_float64_numpy(case, fixed_batch):
+@pytest.mark.parametrize("fixed_batch,one_shape", [(None, False), (8, False), (None, True)])
+def test_in_graph_grams_match_float64_numpy(case, fixed_batch, one_shape, monkeypatch):
     """Shift, per-sample sums and the centred Gram, added up in float64 on the host, give NumPy's Gram to
-    float32 rounding; with a fixed batch size the padded rows of the short last batch count for nothing."""
+    float32 rounding; with a fixed batch size, or CUDA's one batch shape per session (forced onto the CPU
+    provider), the padded rows of the short last batch count for nothing."""
+    if one_shape:
+        monkeypatch.setattr(runtime, "_ONE_SHAPE_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(feature_grams_module, "make_session", padding_checked(runtime.make_session, 16))
     build, tensors = CASES[case]
     model = build()
     feeds = random_inputs(model, 21, seed=5)

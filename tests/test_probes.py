@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 
 import onnx_fskd.pipeline as pipeline
 import onnx_fskd.probes as probes
+import onnx_fskd.runtime as runtime
 from builders import IR_VERSION, OPSET, NetBuilder, mobile_net, prune_by_slicing, random_inputs, resnet_net, token_mlp, vgg_net
 from onnx_fskd.correct import full_form
 from onnx_fskd.data import Samples
@@ -62,11 +63,26 @@ def assert_close(got: GramStats, want: GramStats, rtol: float) -> None:
     assert abs(got.tt - want.tt) <= rtol * want.tt
 
 
+class ShapeRecorder:
+    """A probe session whose runs record the batch sizes they are fed."""
+
+    def __init__(self, session):
+        self.session, self.sizes = session, set()
+
+    def run(self, outputs, feeds):
+        self.sizes |= {len(v) for v in feeds.values()}
+        return self.session.run(outputs, feeds)
+
+
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("make", [vgg_net, resnet_net, mobile_net, token_mlp, nhwc_block, bert_block])
-def test_probe_sums_match_float64_numpy(make):
+def test_probe_sums_match_float64_numpy(make, padded, monkeypatch):
     """Every point (dense, grouped, depthwise, Gemm, token MatMul, NHWC chains behind Transpose/Cast),
     with a shifted and scaled target far from zero mean, split in fit and held-out parts whose batches do
-    not straddle them."""
+    not straddle them. ``padded``: CUDA's one batch shape per session (forced onto the CPU provider),
+    every batch padded to 5 samples whose padding weighs nothing."""
+    if padded:
+        monkeypatch.setattr(runtime, "_ONE_SHAPE_DEVICES", ("cuda", "cpu"))
     model = make()
     graph = GraphIndex(model)
     feeds = inputs_for(model, 21)
@@ -77,9 +93,11 @@ def test_probe_sums_match_float64_numpy(make):
         x, y = got[point.input], got[point.output]
         t = (1.3 * y + 0.2 * np.random.default_rng(0).normal(size=y.shape) + 5.0).astype(np.float32)
         probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU)
+        probe.session = ShapeRecorder(probe.session)
         parts = [slice(0, 16), slice(16, 21)]
         for part, stats in zip(parts, probe.accumulate(ProbeFeeds(x, t), parts, batch_size=5)):
             assert_close(stats, reference(y[part], t[part], point.channel_axis, point.channels, point.groups), 1e-5)
+        assert probe.session.sizes == ({5} if padded else {5, 1})
 
 
 def nhwc_expansion() -> onnx.ModelProto:
@@ -160,6 +178,29 @@ def test_fit_from_runtime_statistics_matches_the_host_path(make, mode, monkeypat
     np.testing.assert_allclose(outputs(in_graph.model, feeds), outputs(on_host.model, feeds), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("make", [resnet_net, mobile_net])
+def test_fit_with_one_batch_shape_per_session_is_the_same_fit(make, monkeypatch):
+    """CUDA's one batch shape per session (forced onto the CPU provider): segments, probes (50 fit and 12
+    held-out samples in batches of 16, the short ones padded to 16) and checks see padded batches, and the
+    fit is the one without padding. (Padding turns the full solver's shifted-product Grams off; they round
+    differently, against their own test: off in both fits here, so that only the padding differs.)"""
+    monkeypatch.setattr(probes, "shifted_geometry", lambda point, graph, stride: None)
+    teacher = make()
+    student = perturbed(teacher, 0.3)
+    samples = Samples(random_inputs(teacher, 62))
+    config = FitConfig(batch_size=16, solver="auto", augment="none")
+    plain = fit(teacher, student, samples, config)
+    monkeypatch.setattr(runtime, "_ONE_SHAPE_DEVICES", ("cuda", "cpu"))
+    padded = fit(teacher, student, samples, config)
+    assert [p.status for p in padded.report.points] == [p.status for p in plain.report.points]
+    assert [p.rows for p in padded.report.points] == [p.rows for p in plain.report.points]
+    for a, b in zip(padded.report.points, plain.report.points):
+        np.testing.assert_allclose([a.error_before, a.error_after], [b.error_before, b.error_after], rtol=1e-5)
+    np.testing.assert_allclose(padded.report.after.relative_error, plain.report.after.relative_error, rtol=1e-5)
+    feeds = random_inputs(teacher, 20, seed=3)
+    np.testing.assert_allclose(outputs(padded.model, feeds), outputs(plain.model, feeds), rtol=1e-4, atol=1e-4)
+
+
 def test_pruned_student_runtime_statistics_recover_it():
     """Kept channels found from the weights feed a Gather inside the probe; the fit still recovers."""
     teacher = vgg_net()
@@ -207,7 +248,7 @@ def padded_tokens(count: int, seed: int) -> dict[str, np.ndarray]:
     return {"input": x, "attention_mask": mask}
 
 
-def test_attention_mask_leaves_padded_rows_out():
+def test_attention_mask_leaves_padded_rows_out(monkeypatch):
     teacher = masked_token_net()
     student = perturbed(teacher, 0.3)
     feeds = padded_tokens(80, 1)
@@ -220,10 +261,14 @@ def test_attention_mask_leaves_padded_rows_out():
     point = next(p for p in find_points(graph).points if p.name == "t1")
     got = tensors(student, feeds, [point.input, point.output])
     t = tensors(teacher, feeds, [point.output])[point.output]
-    probe = StatsProbe(point, graph, np.arange(16), 16, CPU, masked=True)
-    stats = probe.accumulate(ProbeFeeds(got[point.input], t, mask=feeds["attention_mask"]), [slice(0, 80)], 32)[0]
     real = feeds["attention_mask"].astype(bool)
-    assert_close(stats, reference(got[point.output][real], t[real], 1, 16, 1), 1e-5)
+    for padded in (False, True):  # CUDA's one batch shape (forced onto the CPU): 32, 32, 16 + 16 padding rows
+        monkeypatch.setattr(runtime, "_ONE_SHAPE_DEVICES", ("cuda", "cpu") if padded else ("cuda",))
+        probe = StatsProbe(point, graph, np.arange(16), 16, CPU, masked=True)
+        probe.session = ShapeRecorder(probe.session)
+        stats = probe.accumulate(ProbeFeeds(got[point.input], t, mask=feeds["attention_mask"]), [slice(0, 80)], 32)[0]
+        assert probe.session.sizes == ({32} if padded else {32, 16})
+        assert_close(stats, reference(got[point.output][real], t[real], 1, 16, 1), 1e-5)
     # Fitting on the padding too would chase garbage: the masked fit recovers the outputs better.
     test = padded_tokens(40, 9)
     want = outputs_of(teacher, test)
@@ -284,14 +329,17 @@ def wide_patch_net() -> onnx.ModelProto:
     return b.model(b.gemm("fc", x, 8, 4), (64, 6, 6), 4, "wide_patch")
 
 
-@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("stride,padded", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("sliced", [True, False])
 @pytest.mark.parametrize("make", [resnet_net, wide_patch_net])
-def test_patch_probe_sums_match_im2col_in_float64(make, stride, sliced, monkeypatch):
+def test_patch_probe_sums_match_im2col_in_float64(make, stride, sliced, padded, monkeypatch):
     """The full solver's sums of [x 1] (x: im2col patches, cut by strided slices of the padded input, or
     by a one-hot conv when the output size is unknown) against the target, as NumPy's float64 im2col
     gives them, through padding, strides, the residual sum target, Grams put together from blocks and
-    (stride-1 3×3 convs) from shifted channel products."""
+    (stride-1 3×3 convs) from shifted channel products. ``padded``: CUDA's one batch shape (forced onto
+    the CPU provider), which takes the weighted product path instead of the shifted one."""
+    if padded:
+        monkeypatch.setattr(runtime, "_ONE_SHAPE_DEVICES", ("cuda", "cpu"))
     model = make()
     graph = GraphIndex(model)
     feeds = inputs_for(model, 9)
@@ -311,14 +359,14 @@ def test_patch_probe_sums_match_im2col_in_float64(make, stride, sliced, monkeypa
         node = graph.node_by_name[point.name]
         same_size = graph.shapes[point.weight][2:] == (3, 3) and all(
             list(a.ints) == ([1] * 4 if a.name == "pads" else [1, 1]) for a in node.attribute if a.name in ("pads", "strides"))
-        assert (probe.shifted is not None) == (same_size and sliced and stride == 1)
+        assert (probe.shifted is not None) == (same_size and sliced and stride == 1 and not padded)
         shifted_used.append(probe.shifted is not None)
         features = full_form(point, graph).current.shape[0] - 1
         blocked = probe.shifted is None and features >= 512
         assert ("Gxx/0/1" in probe.outputs) == blocked and ("Gxx/3/3" in probe.outputs) == (blocked and features >= 1024)
         stats = probe.accumulate(ProbeFeeds(got[point.input], sampled_rows(t, stride)), [slice(0, 9)], 4)[0]
         assert_close(stats, patch_reference(point, graph, got[point.input], t, stride), 2e-5)
-    assert any(shifted_used) == (sliced and stride == 1)
+    assert any(shifted_used) == (sliced and stride == 1 and not padded)
 
 
 @pytest.mark.parametrize("make", [resnet_net, vgg_net])

@@ -82,3 +82,40 @@ def test_batches_written_in_place_equal_one_run():
     batched = runtime.run_batched(session, feeds, ["logits", "c2.relu"], 2)
     np.testing.assert_allclose(batched["logits"], whole[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(batched["c2.relu"], whole[1], rtol=1e-5, atol=1e-6)
+
+
+class ShapeRecorder:
+    """A session whose ``run`` calls record their feeds' batch sizes (IO-bound runs are full batches)."""
+
+    def __init__(self, session):
+        self.session, self.sizes = session, []
+
+    def run(self, outputs, feeds):
+        self.sizes.append({len(v) for v in feeds.values()})
+        return self.session.run(outputs, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+@pytest.mark.parametrize("one_shape", [False, True])
+def test_cuda_sessions_pad_a_short_batch_to_one_shape(one_shape, monkeypatch):
+    """On CUDA every new input shape sets up cuDNN for every conv again: a short last batch is padded
+    there, and its extra rows are dropped. (CUDA's rule, forced here onto the CPU provider.)"""
+    if one_shape:
+        monkeypatch.setattr(runtime, "_ONE_SHAPE_DEVICES", ("cuda", "cpu"))
+    model = vgg_net()
+    session = ShapeRecorder(runtime.make_session(model, ["CPUExecutionProvider"]))
+    feeds = random_inputs(model, 7)
+    out = runtime.run_batched(session, feeds, ["logits"], 3)["logits"]
+    assert session.sizes == [{3 if one_shape else 1}]  # the short batch; the full ones went through IO binding
+    whole = runtime.make_session(model, ["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-6)
+    assert runtime.padded_rows(session, 7, 3, None) == (3 if one_shape else None)
+    assert runtime.padded_rows(session, 3, 3, None) is None  # one batch: nothing to pad
+    assert runtime.padded_rows(session, 7, 3, 4) == 4  # the model's own fixed batch size first
+
+
+def test_one_batch_shape_is_cudas_rule():
+    assert runtime.one_batch_shape(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert not runtime.one_batch_shape(["CPUExecutionProvider"])
