@@ -140,7 +140,9 @@ class StatsProbe:
         self.order = patch_order(point, graph) if full is not None and point.op_type == "Conv" else None
         source = "patches" if full is not None else "fed" if fed_output else \
             "input" if self.via_input is not None else "output"
-        self.padded = one_batch_shape(providers)  # every batch padded to one shape, the padding weighted 0
+        # Every batch padded to one shape, the padding weighted 0: decided by the providers asked for, before
+        # the session exists (one that falls back to the CPU pads too, harmlessly).
+        self.padded = one_batch_shape(providers)
         weighted = masked or self.padded
         self.shifted = shifted_geometry(point, graph, stride) if source == "patches" and not weighted else None
         self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, weighted, source, stride,
