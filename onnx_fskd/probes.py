@@ -14,10 +14,10 @@ residual ``D = T − Y`` per diagonal block:
   what the held-out guard needs when the student is already close.
 
 An optional 0/1 row weight (``attention_mask`` for token rows) drops padded rows from every sum; on
-CUDA a 0/1 weight per sample also drops the rows that pad every batch to one shape (runtime.padded_rows). For
-the full solver the sums are those of the op's input patches (im2col as strided slices of the padded
-input) against the target instead. A conv's sums may read every s-th row and column of its output only
-(sampling.py): the copy of the op then runs with s times its strides. A wide input (an expansion's
+CUDA a 0/1 weight per sample also drops the samples that pad every batch to one shape
+(runtime.padded_rows). For the full solver the sums are those of the op's input patches (im2col as
+strided slices of the padded input) against the target instead. A conv's sums may read every s-th row
+and column of its output only (sampling.py): the copy of the op then runs with s times its strides. A wide input (an expansion's
 output) is not fed but recomputed by a prefix of the student inside the probe (SegmentRunner.side_graph)."""
 
 from __future__ import annotations
@@ -172,6 +172,8 @@ def _padded(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     the padding: the token mask where there is one, else one weight per sample."""
     real = len(next(iter(batch.values())))
     mask = batch.get(_MASK, np.ones((real, 1), np.int64))
+    if real == rows:
+        return {**batch, _MASK: mask}
     padded = {name: pad_rows(value, rows) for name, value in batch.items() if name != _MASK}
     padded[_MASK] = np.concatenate([mask, np.zeros((rows - real,) + mask.shape[1:], mask.dtype)])
     return padded

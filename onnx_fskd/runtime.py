@@ -146,8 +146,8 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], out
                 on_batch: Callable[[int, int], None] | None = None,
                 allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty) -> dict[str, np.ndarray]:
     """Run over all samples in batches into preallocated arrays; a fixed batch dimension is honoured by
-    padding the last batch, as is one shape per session on CUDA (padded_rows). ``on_batch(done, total)`` reports progress in samples; ``allocate`` makes the
-    result arrays (a BufferPool's recycled memory, say)."""
+    padding the last batch, as is one shape per session on CUDA (padded_rows). ``on_batch(done, total)``
+    reports progress in samples; ``allocate`` makes the result arrays (a BufferPool's recycled memory, say)."""
     count = len(next(iter(feeds.values())))
     size = fixed_batch or batch_size
     if count == size or (count < size and not fixed_batch):  # one batch: ORT's arrays are the result
