@@ -45,7 +45,7 @@ def _preload_cuda_libraries() -> None:
 
 
 # CUDA runs float32 convs and MatMuls in TF32 by default (about 1e-3 relative): sessions whose numbers
-# are compared at float32 precision (the fit's statistics, the merge check) turn it off.
+# are compared at float32 precision (the fit's segments and statistics, the held-out checks) turn it off.
 EXACT_CUDA_OPTIONS = {"use_tf32": "0"}
 # cuDNN's default search (EXHAUSTIVE) times every conv algorithm the first time a session sees an input
 # shape. The fit makes dozens of sessions that each run a few batches (a segment, a probe, a check), so
