@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from threadpoolctl import threadpool_limits
 
 from .graph import GraphIndex
 from .ops.base import attribute
 from .points import CorrectionPoint
 from .runtime import make_session, one_batch_shape, pad_rows
 from .sampling import grid_slice, strided_copies
+from .solve import one_blas_thread
 from .solver_policy import patch_features
 from .stats import GramStats
 
@@ -154,7 +154,7 @@ class StatsProbe:
         """One GramStats per part of the samples (fit rows, held-out rows), batches never straddling parts."""
         results = []
         rows = min(batch_size, max(part.stop - part.start for part in parts))  # of every batch, when padded
-        with threadpool_limits(limits=1, user_api="blas"):  # small host products: see solve._solve_spd
+        with one_blas_thread():  # small host products: see solve._solve_spd
             for part in parts:
                 sums = _Sums(self.shifted)
                 for start in range(part.start, part.stop, batch_size):

@@ -25,7 +25,6 @@ import onnx
 import scipy.linalg
 import scipy.linalg.blas
 from onnx import numpy_helper
-from threadpoolctl import threadpool_limits
 
 from .compress.groups import Group, find_groups
 from .feature_grams import feature_grams
@@ -33,6 +32,7 @@ from .graph import GraphIndex
 from .ops.base import attribute
 from .pairing import ChannelMapper, MapEntry, PointPair, read_map
 from .points import find_points
+from .solve import one_blas_thread
 
 # A consumer input wider than this (e.g. a large Flatten→Gemm) is not used: its Gram would not fit.
 MAX_FEATURES = 6144
@@ -314,7 +314,7 @@ def _select(consumers: list[_Consumer], grams: dict[str, np.ndarray], channels: 
     """The greedy choice of as many channels as ``old`` holds, and the consumers' error with each. One
     BLAS thread: thousands of small updates, which OpenBLAS's threads slow down (mobilenet-like net,
     2 cores: 2.9-3.2 s with them, 2.35 s without)."""
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         problems = [_objective(c, grams[c.tensor]) for c in consumers]
         new = _greedy(problems, channels, len(old))
         return new, _error(problems, old), _error(problems, new)

@@ -61,3 +61,19 @@ def test_pool_keeps_at_most_its_budget_of_free_memory_largest_given_back_first()
     reused = pool.empty((10 * mb,), np.uint8)  # best fit: the 12 MB buffer
     assert reused.base is not None and reused.base.nbytes == 12 * mb
     assert [b.nbytes // mb for b in pool._free] == [8]
+
+
+def test_one_blas_thread_limits_every_blas_library_and_restores_them():
+    """Every BLAS library loaded (numpy's and scipy's OpenBLAS) runs on one thread inside, on two again
+    outside."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from onnx_fskd.solve import one_blas_thread
+
+    blas = lambda: {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}  # noqa: E731
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas()
+        assert before and set(before.values()) == {2}
+        with one_blas_thread():
+            assert set(blas().values()) == {1}
+        assert blas() == before
