@@ -17,7 +17,7 @@ from .data import input_specs
 from .errors import FskdError
 from .graph import GraphIndex
 from .probes import PER_SAMPLE_POSITIONS, GraphBuilder
-from .runtime import batches, make_session, pad_rows, padded_rows
+from .runtime import batches, make_session, pad_batch, padded_rows
 
 _VALID = "fskd/valid"
 
@@ -85,7 +85,7 @@ def feature_grams(graph: GraphIndex, tensors: dict[str, int], samples: dict[str,
         feeds = {name: array[window] for name, array in samples.items()}
         valid = np.ones(real, np.float32)
         if padded and real < padded:  # the padding rows weigh nothing
-            feeds = {name: pad_rows(array, padded) for name, array in feeds.items()}
+            feeds = pad_batch(feeds, padded)
             valid = np.concatenate([valid, np.zeros(padded - real, np.float32)])
         values = dict(zip(names, session.run(names, {**feeds, _VALID: valid})))
         for name, prefix in prefixes.items():

@@ -37,7 +37,7 @@ from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched
 from .segments import SegmentRunner, sampled_name
 from .solve import Adapter
 from .stats import as_rows
-from .verify import EXACTNESS_TOLERANCE, check_model, exactness, verified_on, with_explicit_adapters
+from .verify import CHECK_PROVIDERS, EXACTNESS_TOLERANCE, check_model, exactness, verified_on, with_explicit_adapters
 
 # Memory the teacher may fill ahead with the outputs of upcoming points: longer teacher segments, but
 # every byte is written once and held until its point. MobileNet-like, 256 samples, 2-core: 1 GiB took
@@ -420,17 +420,13 @@ def _verify(student: onnx.ModelProto, given_student: onnx.ModelProto, merged: on
     fixed_batch = input_specs(student)[0].batch_dim
     out_name = student.graph.output[0].name
     outputs = [o.name for o in student.graph.output]
-    # The merge check runs on the CPU provider whatever the fit's: float32 there is exact (no TF32), and
-    # two fresh CUDA sessions of a whole net cost more in cuDNN set-up than 8 samples on the host's CPU
-    # (runtime.padded_rows: 0.7 s each for the MobileNet-like net on an H100).
-    check_providers = ["CPUExecutionProvider"]
-    check_session = make_session(merged, check_providers, exact=True)
+    check_session = make_session(merged, CHECK_PROVIDERS, exact=True)
     verify_rows = rows.held if judged is not None else rows.fit
     check_rows = slice(verify_rows.start, min(verify_rows.stop, verify_rows.start + config.verify_samples))
     check_feeds = {k: v[check_rows] for k, v in samples.arrays.items()}
     checked = run_batched(check_session, check_feeds, outputs, config.batch_size, fixed_batch)
     report.exactness = exactness(checked, _explicit_reference(student, fitted.fits), check_feeds,
-                                 check_providers, config.batch_size, fixed_batch)
+                                 config.batch_size, fixed_batch)
     report.exactness_tolerance, report.verified_on = EXACTNESS_TOLERANCE, verified_on(check_session)
     if report.exactness > EXACTNESS_TOLERANCE:
         raise FskdError(f"internal: merged model differs from the explicit-Q model by {report.exactness:.2e} "
@@ -439,6 +435,7 @@ def _verify(student: onnx.ModelProto, given_student: onnx.ModelProto, merged: on
     run = lambda session: run_batched(session, feeds, [out_name], config.batch_size, fixed_batch)[out_name]  # noqa: E731
     reference = fitted.teacher_outputs[verify_rows]
     student_session = make_session(given_student, providers, exact=True)
+    report.provider = session_device(student_session)
     before = run(student_session)
     if config.mode == "sequential":
         # The fit's own output of the corrected student is the written model's output (same weights): where
@@ -448,9 +445,7 @@ def _verify(student: onnx.ModelProto, given_student: onnx.ModelProto, merged: on
     if consistent:
         after = fitted.predicted_outputs[verify_rows]
     else:  # the written model runs where the fit did
-        on_cpu = session_device(student_session) == "cpu"
-        after = run(check_session if on_cpu else make_session(merged, providers, exact=True))
-    report.provider = session_device(student_session)
+        after = run(check_session if report.provider == "cpu" else make_session(merged, providers, exact=True))
     metric, mask = choose_metric(student, out_name), padding_mask(feeds, before)
     measure = lambda y: OutputMetrics.of(compare(y, reference, metric, mask), metric)  # noqa: E731
     report.written_in_sample, report.before = measure(after), measure(before)

@@ -17,8 +17,9 @@ An optional 0/1 row weight (``attention_mask`` for token rows) drops padded rows
 CUDA a 0/1 weight per sample also drops the samples that pad every batch to one shape
 (runtime.padded_rows). For the full solver the sums are those of the op's input patches (im2col as
 strided slices of the padded input) against the target instead. A conv's sums may read every s-th row
-and column of its output only (sampling.py): the copy of the op then runs with s times its strides. A wide input (an expansion's
-output) is not fed but recomputed by a prefix of the student inside the probe (SegmentRunner.side_graph)."""
+and column of its output only (sampling.py): the copy of the op then runs with s times its strides. A
+wide input (an expansion's output) is not fed but recomputed by a prefix of the student inside the probe
+(SegmentRunner.side_graph)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .graph import GraphIndex
 from .ops.base import attribute
 from .points import CorrectionPoint
-from .runtime import make_session, one_batch_shape, pad_rows
+from .runtime import make_session, one_batch_shape, pad_batch
 from .sampling import grid_slice, strided_copies
 from .solve import one_blas_thread
 from .solver_policy import patch_features
@@ -174,7 +175,7 @@ def _padded(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     mask = batch.get(_MASK, np.ones((real, 1), np.int64))
     if real == rows:
         return {**batch, _MASK: mask}
-    padded = {name: pad_rows(value, rows) for name, value in batch.items() if name != _MASK}
+    padded = pad_batch({name: value for name, value in batch.items() if name != _MASK}, rows)
     padded[_MASK] = np.concatenate([mask, np.zeros((rows - real,) + mask.shape[1:], mask.dtype)])
     return padded
 

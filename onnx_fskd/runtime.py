@@ -162,7 +162,7 @@ def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray], out
         chunk = {name: array[window] for name, array in feeds.items()}
         real = window.stop - window.start
         if padded and real < padded:
-            chunk = {name: pad_rows(array, padded) for name, array in chunk.items()}
+            chunk = pad_batch(chunk, padded)
         if results and real == size and all(a.flags.c_contiguous for a in chunk.values()):
             _run_into(session, binding, chunk, {name: results[name][window] for name in outputs})
         else:
@@ -207,7 +207,8 @@ def _run_into(session: ort.InferenceSession, binding: ort.IOBinding, feeds: dict
     session.run_with_iobinding(binding)
 
 
-def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    """Repeat the last sample so a model with a fixed batch size can run a short final batch."""
-    extra = np.repeat(array[-1:], rows - len(array), axis=0)
-    return np.concatenate([array, extra])
+def pad_batch(feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Every array of a short batch padded to ``rows`` samples by repeating its last one (a fixed batch
+    size, or one shape per session: padded_rows); the caller drops or zero-weights the padding."""
+    return {name: np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
+            for name, array in feeds.items()}
