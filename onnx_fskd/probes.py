@@ -141,9 +141,9 @@ class StatsProbe:
         self.order = patch_order(point, graph) if full is not None and point.op_type == "Conv" else None
         source = "patches" if full is not None else "fed" if fed_output else \
             "input" if self.via_input is not None else "output"
-        # Every batch padded to one shape, the padding weighted 0: decided by the providers asked for, before
-        # the session exists (one that falls back to the CPU pads too, harmlessly).
-        self.padded = one_batch_shape(providers)
+        # Every batch padded to one shape, the padding weighted 0, where the probe holds a conv: decided by the
+        # providers asked for, before the session exists (one that falls back to the CPU pads too, harmlessly).
+        self.padded = one_batch_shape(providers) and _holds_conv(point, graph, source, prefix)
         weighted = masked or self.padded
         self.shifted = shifted_geometry(point, graph, stride) if source == "patches" and not weighted else None
         self.model = _build(point, graph, kept, teacher_channels, teacher_skip, student_skip, weighted, source, stride,
@@ -166,6 +166,15 @@ class StatsProbe:
                 results.append(sums.patch_stats(*self.full, self.order) if self.full is not None
                                else sums.gram_stats(self.point, self.via_input))
         return results
+
+
+def _holds_conv(point: CorrectionPoint, graph: GraphIndex, source: str, prefix: onnx.ModelProto | None) -> bool:
+    """Whether a probe's graph holds a conv: only then is a new batch shape worth padding away (on CUDA,
+    the conv's cuDNN set-up repeats for each shape, while padding copies the whole batch on the host:
+    H100, ResNet-18 `q`, whose fed probes hold no conv: statistics 1.0 s unpadded, 1.5–1.8 s padded)."""
+    copies_conv = point.op_type == "Conv" and (source in ("output", "input")
+                                               or source == "patches" and not _sliceable(point, graph))
+    return copies_conv or prefix is not None and any(node.op_type == "Conv" for node in prefix.graph.node)
 
 
 def _padded(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

@@ -97,7 +97,10 @@ def test_probe_sums_match_float64_numpy(make, padded, monkeypatch):
         parts = [slice(0, 16), slice(16, 21)]
         for part, stats in zip(parts, probe.accumulate(ProbeFeeds(x, t), parts, batch_size=5)):
             assert_close(stats, reference(y[part], t[part], point.channel_axis, point.channels, point.groups), 1e-5)
-        assert probe.session.sizes == ({5} if padded else {5, 1})
+        # Padded where the probe holds a conv (its set-up repeats per shape on CUDA); a Gemm's or MatMul's
+        # probe runs its batches as they come.
+        assert probe.padded == (padded and point.op_type == "Conv")
+        assert probe.session.sizes == ({5} if probe.padded else {5, 1})
 
 
 def nhwc_expansion() -> onnx.ModelProto:
@@ -264,6 +267,8 @@ def test_attention_mask_leaves_padded_rows_out(monkeypatch):
     real = feeds["attention_mask"].astype(bool)
     for padded in (False, True):  # CUDA's one batch shape (forced onto the CPU): 32, 32, 16 + 16 padding rows
         monkeypatch.setattr(runtime, "_ONE_SHAPE_DEVICES", ("cuda", "cpu") if padded else ("cuda",))
+        # (a token MatMul's probe holds no conv and would not pad: forced, to check the mask's padding)
+        monkeypatch.setattr(probes, "_holds_conv", lambda *args: True)
         probe = StatsProbe(point, graph, np.arange(16), 16, CPU, masked=True)
         probe.session = ShapeRecorder(probe.session)
         stats = probe.accumulate(ProbeFeeds(got[point.input], t, mask=feeds["attention_mask"]), [slice(0, 80)], 32)[0]
@@ -337,7 +342,7 @@ def test_patch_probe_sums_match_im2col_in_float64(make, stride, sliced, padded, 
     by a one-hot conv when the output size is unknown) against the target, as NumPy's float64 im2col
     gives them, through padding, strides, the residual sum target, Grams put together from blocks and
     (stride-1 3×3 convs) from shifted channel products. ``padded``: CUDA's one batch shape (forced onto
-    the CPU provider), which takes the weighted product path instead of the shifted one."""
+    the CPU provider), which pads the one-hot conv's probes only: sliced patches hold no conv."""
     if padded:
         monkeypatch.setattr(runtime, "_ONE_SHAPE_DEVICES", ("cuda", "cpu"))
     model = make()
@@ -359,14 +364,15 @@ def test_patch_probe_sums_match_im2col_in_float64(make, stride, sliced, padded, 
         node = graph.node_by_name[point.name]
         same_size = graph.shapes[point.weight][2:] == (3, 3) and all(
             list(a.ints) == ([1] * 4 if a.name == "pads" else [1, 1]) for a in node.attribute if a.name in ("pads", "strides"))
-        assert (probe.shifted is not None) == (same_size and sliced and stride == 1 and not padded)
+        assert probe.padded == (padded and not sliced)  # only the one-hot conv's probe holds a conv
+        assert (probe.shifted is not None) == (same_size and sliced and stride == 1 and not probe.padded)
         shifted_used.append(probe.shifted is not None)
         features = full_form(point, graph).current.shape[0] - 1
         blocked = probe.shifted is None and features >= 512
         assert ("Gxx/0/1" in probe.outputs) == blocked and ("Gxx/3/3" in probe.outputs) == (blocked and features >= 1024)
         stats = probe.accumulate(ProbeFeeds(got[point.input], sampled_rows(t, stride)), [slice(0, 9)], 4)[0]
         assert_close(stats, patch_reference(point, graph, got[point.input], t, stride), 2e-5)
-    assert any(shifted_used) == (sliced and stride == 1 and not padded)
+    assert any(shifted_used) == (sliced and stride == 1)
 
 
 @pytest.mark.parametrize("make", [resnet_net, vgg_net])

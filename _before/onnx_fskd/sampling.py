@@ -1,0 +1,89 @@
+"""Which output positions a point's statistics read: every s-th row and column of a conv's output map.
+
+A 56×56 map gives 3136 least-squares rows per sample, and neighbouring positions are strongly
+correlated, while a fit with F features needs a few dozen rows per feature, not thousands. Reading
+every s-th row and column cuts the statistics work s²-fold (the statistics-only copy of the conv runs
+with s times its strides and the teacher's tensors are sliced with step s), as long as each sample
+still gives a grid of at least ``MIN_GRID`` positions, the fit samples at least ``ROWS_PER_FEATURE``
+rows per feature and at least ``MIN_ROWS`` rows in all (below that the sums are cheap anyway: small
+fits, like the shipped MNIST samples' 80 digits × 784 positions, keep every row). Everything else (the segments, the written model, the
+verification) runs on every position. BENCHMARKS.md, "Fit cost", measures speed and accuracy of both."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import GraphIndex
+from .ops.base import attribute
+from .points import CorrectionPoint
+
+POSITIONS = ("auto", "all")
+MAX_STRIDE = 4
+MIN_GRID = 196            # a 14×14 grid per sample at least
+ROWS_PER_FEATURE = 64     # over the fit samples, per feature of the solve
+MIN_ROWS = 1 << 15        # over the fit samples, in all
+
+
+def position_stride(option: str, point: CorrectionPoint, graph: GraphIndex, features: int, fit_samples: int) -> int:
+    """s ≥ 1: the point's statistics read output positions (s·i, s·j). 1 under ``--stats-positions all``
+    and for anything but a 2-D channels-first conv with explicit padding and known output size."""
+    if option == "all" or point.op_type != "Conv" or point.rank != 4 or point.channel_axis != 1:
+        return 1
+    if (graph.opset or 1) < 10:
+        return 1  # Slice takes steps from opset 10
+    if attribute(graph.node_by_name[point.name], "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        return 1
+    shape = graph.shapes.get(point.output)
+    if shape is None or len(shape) != 4 or shape[2] is None or shape[3] is None:
+        return 1
+    height, width = int(shape[2]), int(shape[3])
+    stride = 1
+    for candidate in range(2, MAX_STRIDE + 1):
+        grid = math.ceil(height / candidate) * math.ceil(width / candidate)
+        if grid < MIN_GRID or fit_samples * grid < max(ROWS_PER_FEATURE * (features + 1), MIN_ROWS):
+            break
+        stride = candidate
+    return stride
+
+
+def sample_positions(tensor: np.ndarray, stride: int) -> np.ndarray:
+    """Every ``stride``-th row and column of an (N, C, H, W) tensor, as a view (the tensor for 1)."""
+    return tensor if stride == 1 else tensor[:, :, ::stride, ::stride]
+
+
+def grid_slice(tensor: str, output: str, stride: int) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A Slice node (and its constants, named after ``output``) writing every ``stride``-th row and column
+    of an (N, C, H, W) tensor: sample_positions inside a graph."""
+    end = np.iinfo(np.int64).max
+    constants = [numpy_helper.from_array(np.array(value, np.int64), f"{output}/{role}")
+                 for role, value in (("starts", [0, 0]), ("ends", [end, end]), ("axes", [2, 3]),
+                                     ("steps", [stride, stride]))]
+    return helper.make_node("Slice", [tensor] + [c.name for c in constants], [output], name=f"{output}/slice"), constants
+
+
+def strided_copies(nodes: list[onnx.NodeProto], outputs: list[str], stride: int, prefix: str,
+                   inputs: dict[str, str] | None = None) -> list[onnx.NodeProto]:
+    """Copies of a conv (first) and the per-position ops after it, node i writing ``outputs[i]`` and each
+    reading its predecessor's copy (and ``inputs``' renames), named ``prefix``0, 1, …: the conv with s
+    times its strides and pads unchanged, so the chain computes output positions (s·i, s·j) only."""
+    renamed = dict(inputs or {})
+    copies = []
+    for index, (node, output) in enumerate(zip(nodes, outputs)):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{prefix}{index}"
+        copy.input[:] = [renamed.get(name, name) for name in copy.input]
+        renamed[node.output[0]] = output
+        del copy.output[:]
+        copy.output.append(output)
+        if index == 0 and stride > 1:
+            strides = attribute(node, "strides", [1, 1])
+            kept = [a for a in copy.attribute if a.name != "strides"]
+            del copy.attribute[:]
+            copy.attribute.extend(kept + [helper.make_attribute("strides", [v * stride for v in strides])])
+        copies.append(copy)
+    return copies
