@@ -33,7 +33,7 @@ from .graph import GraphIndex
 from .ops.base import attribute
 from .points import CorrectionPoint
 from .runtime import make_session, one_batch_shape, pad_batch
-from .sampling import grid_slice, strided_copies
+from .sampling import grid_slice, strided_copies, strided_tail
 from .solve import one_blas_thread
 from .solver_policy import patch_features
 from .stats import GramStats
@@ -455,16 +455,21 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     teacher's runner slices them), the copy of the op runs with s times its strides, and the student's
     skip (and a 1×1 op's input) are sliced here. ``prefix``: a sub-graph of the student that computes
     the point's input from cached tensors (SegmentRunner.side_graph), run first inside the probe so a
-    wide input never leaves the runtime. ``shifted`` = (C, H, W) (shifted_geometry): the patch Gram comes
+    wide input never leaves the runtime; for a 1×1 op sampled with s > 1, the prefix's last conv runs with
+    s times its strides instead of the op's copy (sampling.strided_tail). ``shifted`` = (C, H, W) (shifted_geometry): the patch Gram comes
     as shifted channel products of the input instead (_ShiftedGram)."""
     g = GraphBuilder(graph.opset or 13, _X if prefix is None else point.input)
+    copy_stride = stride  # the strides factor of the op's copy: 1 where the prefix already gives sampled positions
     if prefix is not None:
-        g.nodes.extend(prefix.graph.node)
+        tail = strided_tail(list(prefix.graph.node), point.input, stride,
+                            {t.name: t for t in prefix.graph.initializer}) if _reads_sampled_input(point, graph, stride, source) else None
+        g.nodes.extend(tail if tail is not None else prefix.graph.node)
         g.initializers.extend(prefix.graph.initializer)
+        copy_stride = 1 if tail is not None else stride
     # The statistics-only copy of op + chain, reading the probe's input (none when the output is fed).
     nodes = _point_nodes(point, graph) if source != "fed" else []
     copy_outputs = [f"fskd/y{index}" for index in range(len(nodes))]
-    copies = strided_copies(nodes, copy_outputs, stride, "fskd/copy", {point.input: g.x})
+    copies = strided_copies(nodes, copy_outputs, copy_stride, "fskd/copy", {point.input: g.x})
     g.nodes.extend(copies)
     constants = {name for copy in copies for name in copy.input if name and name != g.x and name not in copy_outputs}
     sampled = (lambda name: g.sampled(name, stride)) if stride > 1 else (lambda name: name)
@@ -488,7 +493,8 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     elif source in ("input", "patches"):  # the input's sums: y = A·x + b is rebuilt on the host
         if source == "patches":  # a Gemm or MatMul: its input rows, as wide as its output-major weight's rows
             in_channels = patch_features(point, graph)
-        xp = g.planes(sampled(g.x), 1 if point.op_type == "Conv" else -1, 1, in_channels, in_channels)  # the op's own input layout
+        x = sampled(g.x) if copy_stride > 1 else g.x
+        xp = g.planes(x, 1 if point.op_type == "Conv" else -1, 1, in_channels, in_channels)  # the op's own input layout
     else:
         xp = g.planes(y, axis, blocks, k, point.channels)
     weight = None
@@ -540,6 +546,18 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
          for name in outputs],
         g.initializers)
     return helper.make_model(graph_proto, ir_version=graph.model.ir_version, opset_imports=[helper.make_opsetid("", g.opset)])
+
+
+def _reads_sampled_input(point: CorrectionPoint, graph: GraphIndex, stride: int, source: str) -> bool:
+    """Whether the probe reads the point's input on the sampled positions (s·i, s·j) only: a 1×1 conv
+    with strides 1 and no padding, its output or its input summed (then a prefix can compute its input
+    on those positions alone, sampling.strided_tail)."""
+    if stride == 1 or source not in ("output", "input") or point.op_type != "Conv" or point.rank != 4:
+        return False
+    node = graph.node_by_name[point.name]
+    return (graph.shapes[point.weight][2:] == (1, 1) and all(v == 1 for v in attribute(node, "strides", [1, 1]))
+            and not any(attribute(node, "pads", [0, 0, 0, 0]))
+            and attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
 
 
 def _positions(shape: tuple | None, axis: int, stride: int = 1) -> int | None:

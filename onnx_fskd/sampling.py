@@ -87,3 +87,39 @@ def strided_copies(nodes: list[onnx.NodeProto], outputs: list[str], stride: int,
             copy.attribute.extend(kept + [helper.make_attribute("strides", [v * stride for v in strides])])
         copies.append(copy)
     return copies
+
+
+# Ops that map each position to itself: one computed input, any other input a constant with no spatial extent.
+_POSITIONWISE = frozenset({"Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+                           "Elu", "Selu", "Softplus", "BatchNormalization", "Add", "Sub", "Mul", "Div"})
+
+
+def strided_tail(nodes: list[onnx.NodeProto], target: str, stride: int,
+                 constants: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto] | None:
+    """``nodes`` (a sub-graph computing ``target``) with the conv that ends it run with ``stride`` times its
+    strides, so that ``target`` comes on positions (s·i, s·j) only: for a reader of those positions alone
+    (a 1×1 conv sampled so), the tail conv then computes 1/s² of its output instead of all of it. The conv
+    may be followed by position-wise ops (``constants``: the sub-graph's initializers) whose tensors
+    nothing else reads. None when ``target`` is not such a conv's output."""
+    producer = {output: node for node in nodes for output in node.output}
+    reads = [name for node in nodes for name in node.input]
+    name = target
+    while (node := producer.get(name)) is not None and node.op_type != "Conv":
+        computed = [i for i in node.input if i and i not in constants]
+        if node.op_type not in _POSITIONWISE or len(computed) != 1 or node.op_type != "BatchNormalization" and not all(
+                _positionless(constants[i]) for i in node.input if i in constants):  # BN's are per channel
+            return None
+        name = computed[0]
+        if reads.count(name) != 1:
+            return None
+    if node is None or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        return None
+    strided = strided_copies([node], [node.output[0]], stride, node.name)[0]
+    strided.name = node.name
+    return [strided if other is node else other for other in nodes]
+
+
+def _positionless(constant: onnx.TensorProto) -> bool:
+    """Whether a constant broadcast against an (N, C, H, W) tensor is the same at every position."""
+    dims = list(constant.dims)
+    return int(np.prod(dims)) == 1 or len(dims) >= 3 and dims[-1] == dims[-2] == 1

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 import onnx_fskd.pipeline as pipeline
 import onnx_fskd.probes as probes
 import onnx_fskd.runtime as runtime
+import onnx_fskd.sampling as sampling
 from builders import IR_VERSION, OPSET, NetBuilder, mobile_net, prune_by_slicing, random_inputs, resnet_net, token_mlp, vgg_net
 from onnx_fskd.correct import full_form
 from onnx_fskd.data import Samples
@@ -479,6 +480,48 @@ def test_wide_inputs_are_recomputed_inside_the_probe(monkeypatch):
         np.testing.assert_allclose(adapter.q, cached.adapters[name].q, atol=1e-4)
     assert side.report.exactness <= 1e-4 and side.report.consistency <= 1e-5
     assert side.report.after.relative_error < 0.5 * side.report.before.relative_error
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_prefix_computes_a_sampled_projection_input_on_the_sampled_positions_only(stride):
+    """A 1×1 projection read on every s-th row and column, behind a recomputed prefix (expansion, depthwise
+    3×3): the prefix's depthwise conv runs with s times its strides and the projection's copy with its own,
+    and the sums are still exactly those of the sampled positions."""
+    model = inverted_residual_net()
+    graph = GraphIndex(model)
+    point = next(p for p in find_points(graph).points if p.name == "project")
+    block_input = graph.node_by_name["expand"].input[0]
+    prefix = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model([block_input], [point.input])
+    feeds = inputs_for(model, 11)
+    got = tensors(model, feeds, [block_input, point.output])
+    y = got[point.output]
+    t = (0.8 * y + 0.3 * np.random.default_rng(4).normal(size=y.shape) + 2.0).astype(np.float32)
+    probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride, prefix=prefix)
+    strides = {node.name: [list(a.ints) for a in node.attribute if a.name == "strides"]
+               for node in probe.model.graph.node if node.op_type == "Conv"}
+    assert strides["dw"] == [[stride, stride]] and strides["expand"] == [[1, 1]] and strides["fskd/copy0"] == [[1, 1]]
+    stats = probe.accumulate(ProbeFeeds({block_input: got[block_input]}, sampled_rows(t, stride)), [slice(0, 11)], 4)[0]
+    assert_close(stats, reference(sampled_rows(y, stride), sampled_rows(t, stride), 1, point.channels, 1), 1e-5)
+
+
+def test_strided_tail_stops_where_positions_would_mix():
+    """The tail conv is strided only behind position-wise ops whose tensors nothing else reads: not behind
+    a constant that varies over positions, nor when its output is read twice."""
+    b = NetBuilder(0)
+    conv = b.conv("c", "input", 3, 4)
+    relu = b.node("Relu", "r", [b.bn("bn", conv, 4)])
+    constants = {t.name: t for t in b.inits}
+    tail = sampling.strided_tail(b.nodes, relu, 2, constants)
+    assert [list(a.ints) for a in tail[0].attribute if a.name == "strides"] == [[2, 2]]
+    assert [list(a.ints) for a in b.nodes[0].attribute if a.name == "strides"] == [[1, 1]]  # changed in a copy
+    by_position = helper.make_node("Add", [relu, "map"], ["shifted"])
+    constants["map"] = onnx.numpy_helper.from_array(np.ones((1, 1, 8, 8), np.float32), "map")
+    assert sampling.strided_tail(b.nodes + [by_position], "shifted", 2, constants) is None
+    per_channel = helper.make_node("Add", [relu, "bias"], ["biased"])
+    constants["bias"] = onnx.numpy_helper.from_array(np.ones((4, 1, 1), np.float32), "bias")
+    assert sampling.strided_tail(b.nodes + [per_channel], "biased", 2, constants) is not None
+    read_twice = helper.make_node("Relu", [conv], ["again"])
+    assert sampling.strided_tail(b.nodes + [read_twice], relu, 2, constants) is None
 
 
 @pytest.mark.parametrize("make", [resnet_net, inverted_residual_net])
