@@ -339,10 +339,8 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
             report.points.append(point_fit.report)
             if point_fit.update is not None:
                 fits.append((s, point_fit))
-                if config.mode == "sequential" and fed:  # the output ran uncorrected: Q·y + d, as fit_adapter
-                    out = s_run.buffers.empty(s_out[s.output].shape, s_out[s.output].dtype)
-                    s_run.replace(s.output, point_fit.adapter.apply(s_out[s.output], s.channel_axis, out))
-                    del out
+                if config.mode == "sequential" and fed:  # the output ran uncorrected: its readers apply Q·y + d
+                    s_run.defer(s.output, point_fit.adapter)
                 elif config.mode == "sequential":
                     s_run.fold(s, point_fit.update)
             del s_out, t_out, feeds, probe  # the probe session holds its arena of batch intermediates

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnx.utils import Extractor
 
 from .errors import FskdError
@@ -25,6 +26,7 @@ from .ops.base import attribute
 from .points import CorrectionPoint
 from .runtime import make_session, run_batched
 from .sampling import grid_slice, sample_positions, strided_copies
+from .solve import Adapter
 from .shapes import weightless_copy
 
 
@@ -77,6 +79,7 @@ class SegmentRunner:
         self.pinned: set[str] = set()
         self.done: set[str] = set()
         self.folded: dict[str, tuple[CorrectionPoint, WeightUpdate]] = {}  # op name → its fitted weights
+        self.deferred: dict[str, Adapter] = {}  # cached tensor → the correction its readers apply first
 
     def start(self, feeds: dict[str, np.ndarray]) -> None:
         self.cache = dict(feeds)
@@ -89,6 +92,7 @@ class SegmentRunner:
         for name in missing:  # sampled views of tensors already cached: sliced here
             tensor, stride = _parse_sampled(name)
             if stride > 1 and tensor in self.cache:
+                self._apply_deferred(tensor)
                 grid = sample_positions(self.cache[tensor], stride)
                 self.cache[name] = self.buffers.empty(grid.shape, grid.dtype)
                 self.cache[name][...] = grid
@@ -96,6 +100,8 @@ class SegmentRunner:
         if missing:
             self._run_segment(missing)
         self.pinned |= set(prefetch)
+        for name in wanted:
+            self._apply_deferred(name)
         result = {name: self.cache[name] for name in wanted}
         self._evict()
         return result
@@ -109,6 +115,21 @@ class SegmentRunner:
         """Overwrite a cached tensor (a point's output after its Q) before its consumers run."""
         self.buffers.retire(self.cache[name])
         self.cache[name] = value
+
+    def defer(self, tensor: str, adapter: Adapter) -> None:
+        """Correct a cached channels-first (N, C, H, W) tensor, Q·y + d (a point's output that ran
+        uncorrected), where it is read: each segment reading it applies it first, as a 1×1 conv, so the
+        corrected tensor is never written on the host (ResNet-18: 11 such points, 0.6 s of host matmuls);
+        a caller asking for the tensor itself (compute, a probe's prefix) gets it corrected in the cache."""
+        if tensor in self.deferred:
+            raise FskdError(f"internal: {tensor} already has a correction pending")
+        self.deferred[tensor] = adapter
+
+    def _apply_deferred(self, name: str) -> None:
+        adapter = self.deferred.pop(name, None)
+        if adapter is not None:
+            value = self.cache[name]
+            self.replace(name, adapter.apply(value, 1, self.buffers.empty(value.shape, value.dtype)))
 
     def fold(self, point: CorrectionPoint, update: WeightUpdate) -> None:
         """Run the point's op (and chain) with the fitted weights from now on: ORT applies the point's Q
@@ -139,6 +160,8 @@ class SegmentRunner:
             return None
         side.ir_version = self.ir_version
         self._write_folded(side, {node.name for node in nodes})
+        for name in inputs:  # the probe reads the cache: corrected there
+            self._apply_deferred(name)
         return side
 
     def _run_segment(self, missing: list[str]) -> None:
@@ -161,6 +184,7 @@ class SegmentRunner:
             raise FskdError(f"cannot cut a sub-graph at {(outputs + bases)[0]}: {exc}") from None
         segment.ir_version = self.ir_version
         self._write_folded(segment, {node.name for node in nodes})
+        _apply_first(segment, {name: self.deferred[name] for name in inputs if name in self.deferred})
         _add_sampled_outputs(segment, sampled, bases, self.graph)
         outputs += list(sampled)
         session = make_session(segment, self.providers, exact=True)
@@ -199,7 +223,26 @@ class SegmentRunner:
 
     def _evict(self) -> None:
         for name in [n for n in self.cache if not self._still_needed(n)]:
+            self.deferred.pop(name, None)
             self.buffers.retire(self.cache.pop(name))
+
+
+def _apply_first(model: onnx.ModelProto, corrections: dict[str, Adapter]) -> None:
+    """Each corrected graph input read through a 1×1 conv computing Q·y + d (Q block-diagonal: a grouped
+    conv), which ORT fuses with what follows (a ReLU, a residual Add)."""
+    graph = model.graph
+    for name, adapter in corrections.items():
+        count, size, _ = adapter.blocks.shape
+        dtype = next(value.type.tensor_type.elem_type for value in graph.input if value.name == name)
+        numpy_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        corrected, weight, bias = (f"{name}/fskd_corrected{suffix}" for suffix in ("", "/w", "/b"))
+        for node in graph.node:
+            node.input[:] = [corrected if i == name else i for i in node.input]
+        graph.initializer.extend([
+            numpy_helper.from_array(adapter.blocks.reshape(count * size, size, 1, 1).astype(numpy_type), weight),
+            numpy_helper.from_array(adapter.d.astype(numpy_type), bias)])
+        graph.node.insert(0, onnx.helper.make_node("Conv", [name, weight, bias], [corrected], name=corrected,
+                                                   kernel_shape=[1, 1], group=count))
 
 
 def _add_sampled_outputs(segment: onnx.ModelProto, sampled: dict[str, tuple[str, int]], bases: list[str],

@@ -12,6 +12,7 @@ from builders import mobile_net, random_inputs, resnet_net
 from onnx_fskd.graph import GraphIndex
 from onnx_fskd.points import find_points
 from onnx_fskd.segments import SegmentRunner, sampled_name
+from onnx_fskd.solve import Adapter
 
 CPU = ["CPUExecutionProvider"]
 
@@ -52,3 +53,32 @@ def test_strided_copies_only_where_cheap():
     assert segments._strided_recipe(graph, grouped.output, 2) is not None        # 72 / 4
     assert segments._strided_recipe(graph, points["stem"].output, 2) is not None
     assert segments._strided_recipe(graph, "input", 2) is None                   # no conv produces it
+
+
+@pytest.mark.parametrize("group_size", [16, 4, 1])
+def test_deferred_correction_is_applied_by_every_reader(group_size):
+    """A correction deferred on a cached tensor (dense, block-diagonal or diagonal Q, and d) reaches both
+    of its readers, run in two segments (a conv, and later a residual Add), as if the corrected tensor had
+    been cached; the tensor itself comes back corrected when asked for."""
+    model = resnet_net()
+    graph = GraphIndex(model)
+    feeds = random_inputs(model, 10)
+    rng = np.random.default_rng(3)
+    adapter = Adapter(np.eye(group_size) + 0.3 * rng.normal(size=(16 // group_size, group_size, group_size)),
+                      rng.normal(size=16))
+    stem, first, block = "stem.relu", "b1.c1.relu", "b1.relu"
+    host, deferred = (SegmentRunner(model, graph, CPU, 4, None) for _ in range(2))
+    for runner in (host, deferred):
+        runner.start(feeds)
+        runner.compute([stem])
+    corrected = adapter.apply(host.compute([stem])[stem], 1)
+    host.replace(stem, corrected)
+    deferred.defer(stem, adapter)
+    assert not np.allclose(deferred.cache[stem], corrected)  # not applied on the host
+    for name in (first, block):  # b1.c1 reads it in one segment, b1.add in the next
+        np.testing.assert_allclose(deferred.compute([name])[name], host.compute([name])[name], rtol=1e-4, atol=1e-4)
+    asked = SegmentRunner(model, graph, CPU, 4, None)
+    asked.start(feeds)
+    asked.compute([stem])
+    asked.defer(stem, adapter)
+    np.testing.assert_allclose(asked.compute([stem])[stem], corrected, rtol=1e-6, atol=1e-6)
