@@ -23,6 +23,7 @@ wide input (an expansion's output) is not fed but recomputed by a prefix of the 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .graph import GraphIndex
 from .ops.base import attribute
 from .points import CorrectionPoint
-from .runtime import make_session, one_batch_shape, pad_batch
+from .runtime import make_session, one_batch_shape, pad_batch, rows_within_arena
 from .sampling import grid_slice, strided_copies, strided_tail
 from .solve import one_blas_thread
 from .solver_policy import patch_features
@@ -150,10 +151,15 @@ class StatsProbe:
                             prefix, self.shifted)
         self.session = make_session(self.model, providers, exact=True)
         self.outputs = [output.name for output in self.model.graph.output]
+        # Rows per run: what a batch keeps in the arena is at most the prefix's tensors and the point's output.
+        per_sample = sum(graph.per_sample(name) or 0 for name in [point.output] + [
+            output for node in (prefix.graph.node if prefix is not None else []) for output in node.output if output])
+        self.max_rows = rows_within_arena(self.session, 4 * per_sample, sys.maxsize)
 
     def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int) -> list[GramStats]:
         """One GramStats per part of the samples (fit rows, held-out rows), batches never straddling parts."""
         results = []
+        batch_size = min(batch_size, self.max_rows)
         rows = min(batch_size, max(part.stop - part.start for part in parts))  # of every batch, when padded
         with one_blas_thread():  # small host products: see solve._solve_spd
             for part in parts:

@@ -25,7 +25,7 @@ from .graph import GraphIndex
 from .memory import ActivationMemory
 from .ops.base import attribute
 from .points import CorrectionPoint
-from .runtime import make_session, run_batched, session_device
+from .runtime import make_session, rows_within_arena, run_batched
 from .sampling import grid_slice, sample_positions, strided_copies
 from .solve import Adapter
 from .shapes import weightless_copy
@@ -42,11 +42,6 @@ MAX_SIDE_NODES = 16
 # MobileNet-like teacher with every point's output sampled: 0.71 s with copies, 1.4-1.8 s with slices, 0.47 s
 # for the plain forward (2-core CPU, 128 samples); ResNet-18 about the same either way.
 MAX_COPY_MACS = 64
-# A segment's session keeps one batch's intermediates in its arena, fresh memory the first time it runs
-# (on the development VM a first write costs 1.3 s per GiB, a second 0.1 s): the runner cuts a segment's
-# batches so that one batch's node outputs take at most this many bytes. MobileNet-like teacher, first
-# segment: 64 rows, arena 1.6 GB, first run 1.8 s, second 0.5 s; 16 rows, 0.2 GB, 0.65 s and 0.55 s.
-SEGMENT_BATCH_BYTES = 256 << 20
 _PER_CHANNEL_OPS = ("BatchNormalization", "Add", "Sub", "Mul", "Div")
 
 
@@ -199,13 +194,10 @@ class SegmentRunner:
                                       self.on_batch, allocate=self.buffers.empty))
 
     def _rows_per_run(self, nodes: list[onnx.NodeProto], session: ort.InferenceSession) -> int:
-        """The batch size, or on the CPU fewer rows where one batch's node outputs (float32, as far as shape
-        inference knows them) would take more than SEGMENT_BATCH_BYTES (a GPU's arena is device memory, set
-        up once, and small batches only cost it launches)."""
-        if session_device(session) != "cpu":
-            return self.batch_size
-        per_sample = 4 * sum(self.graph.per_sample(name) or 0 for node in nodes for name in node.output if name)
-        return max(1, min(self.batch_size, SEGMENT_BATCH_BYTES // max(per_sample, 1)))
+        """Rows per run of a segment: one batch's node outputs (float32, as far as shape inference knows
+        them) within the arena bound (runtime.rows_within_arena)."""
+        per_sample = sum(self.graph.per_sample(name) or 0 for node in nodes for name in node.output if name)
+        return rows_within_arena(session, 4 * per_sample, self.batch_size)
 
     def _write_folded(self, segment: onnx.ModelProto, names: set[str]) -> None:
         """The segment's copy of each folded point gets its fitted weights (the runner's model stays as given)."""

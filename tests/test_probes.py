@@ -504,6 +504,29 @@ def test_prefix_computes_a_sampled_projection_input_on_the_sampled_positions_onl
     assert_close(stats, reference(sampled_rows(y, stride), sampled_rows(t, stride), 1, point.channels, 1), 1e-5)
 
 
+def test_probe_cuts_its_batches_to_the_arena_bound(monkeypatch):
+    """A probe whose prefix recomputes a wide tensor runs fewer rows per batch under a small arena bound,
+    with the same sums."""
+    model = inverted_residual_net()
+    graph = GraphIndex(model)
+    point = next(p for p in find_points(graph).points if p.name == "project")
+    block_input = graph.node_by_name["expand"].input[0]
+    prefix = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model([block_input], [point.input])
+    feeds = inputs_for(model, 11)
+    got = tensors(model, feeds, [block_input, point.output])
+    y = got[point.output]
+    t = (0.8 * y + 0.3 * np.random.default_rng(4).normal(size=y.shape) + 2.0).astype(np.float32)
+    probe_feeds = ProbeFeeds({block_input: got[block_input]}, t)
+    make = lambda: StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, prefix=prefix)  # noqa: E731
+    whole = make().accumulate(probe_feeds, [slice(0, 8), slice(8, 11)], 4)
+    monkeypatch.setattr(runtime, "ARENA_BATCH_BYTES", 2 * 4 * (48 * 3 * 2 + 8) * 144)  # about 2 samples' worth
+    cut = make()
+    cut.session = ShapeRecorder(cut.session)
+    for got_stats, want in zip(cut.accumulate(probe_feeds, [slice(0, 8), slice(8, 11)], 4), whole):
+        assert_close(got_stats, want, 1e-5)
+    assert max(cut.session.sizes) == 2
+
+
 def test_strided_tail_stops_where_positions_would_mix():
     """The tail conv is strided only behind position-wise ops whose tensors nothing else reads: not behind
     a constant that varies over positions, nor when its output is read twice."""

@@ -119,3 +119,16 @@ def test_cuda_sessions_pad_a_short_batch_to_one_shape(one_shape, monkeypatch):
 def test_one_batch_shape_is_cudas_rule():
     assert runtime.one_batch_shape(["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert not runtime.one_batch_shape(["CPUExecutionProvider"])
+
+
+def test_cpu_batches_keep_their_intermediates_within_the_arena_bound(monkeypatch):
+    """On the CPU a batch is cut to the rows whose intermediates fit ARENA_BATCH_BYTES (at least one row);
+    a GPU session keeps the batch size."""
+    session = runtime.make_session(vgg_net(), ["CPUExecutionProvider"])
+    monkeypatch.setattr(runtime, "ARENA_BATCH_BYTES", 10_000)
+    assert runtime.rows_within_arena(session, 3_000, 64) == 3
+    assert runtime.rows_within_arena(session, 3_000, 2) == 2
+    assert runtime.rows_within_arena(session, 50_000, 64) == 1
+    assert runtime.rows_within_arena(session, 0, 64) == 64  # nothing known about the intermediates
+    monkeypatch.setattr(runtime, "session_device", lambda session: "cuda")
+    assert runtime.rows_within_arena(session, 3_000, 64) == 64

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import onnx_fskd.runtime as runtime
 import onnx_fskd.segments as segments
 from builders import mobile_net, random_inputs, resnet_net
 from onnx_fskd.graph import GraphIndex
@@ -82,3 +83,25 @@ def test_deferred_correction_is_applied_by_every_reader(group_size):
     asked.compute([stem])
     asked.defer(stem, adapter)
     np.testing.assert_allclose(asked.compute([stem])[stem], corrected, rtol=1e-6, atol=1e-6)
+
+
+def test_segments_cut_their_batches_to_the_arena_bound(monkeypatch):
+    """With a small arena bound each segment runs fewer rows per batch, fewer where its node outputs per
+    sample are larger, and computes the same tensors."""
+    model = resnet_net()
+    graph = GraphIndex(model)
+    feeds = random_inputs(model, 10)
+    names = [p.output for p in find_points(graph).points]
+    want = SegmentRunner(model, graph, CPU, 8, None)
+    want.start(feeds)
+    expected = {name: want.compute([name])[name] for name in names}
+    rows: list[int] = []
+    run_batched = segments.run_batched
+    monkeypatch.setattr(segments, "run_batched", lambda session, feeds, outputs, batch, *rest, **kw: (
+        rows.append(batch), run_batched(session, feeds, outputs, batch, *rest, **kw))[1])
+    monkeypatch.setattr(runtime, "ARENA_BATCH_BYTES", 4 * 16 * 16 * 16 * 4)  # four of the stem's outputs per sample
+    runner = SegmentRunner(model, graph, CPU, 8, None)
+    runner.start(feeds)
+    for name in names:
+        np.testing.assert_allclose(runner.compute([name])[name], expected[name], rtol=1e-5, atol=1e-5)
+    assert max(rows) < 8 and min(rows) < max(rows)
