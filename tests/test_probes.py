@@ -482,47 +482,44 @@ def test_wide_inputs_are_recomputed_inside_the_probe(monkeypatch):
     assert side.report.after.relative_error < 0.5 * side.report.before.relative_error
 
 
-@pytest.mark.parametrize("stride", [2, 3])
-def test_prefix_computes_a_sampled_projection_input_on_the_sampled_positions_only(stride):
-    """A 1×1 projection read on every s-th row and column, behind a recomputed prefix (expansion, depthwise
-    3×3): the prefix's depthwise conv runs with s times its strides and the projection's copy with its own,
-    and the sums are still exactly those of the sampled positions."""
+def projection_behind_prefix():
+    """The inverted residual block's projection point, the prefix that recomputes its input (expansion,
+    depthwise 3×3) from the block input, that input, and the projection's output y and a target t."""
     model = inverted_residual_net()
     graph = GraphIndex(model)
     point = next(p for p in find_points(graph).points if p.name == "project")
     block_input = graph.node_by_name["expand"].input[0]
     prefix = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model([block_input], [point.input])
-    feeds = inputs_for(model, 11)
-    got = tensors(model, feeds, [block_input, point.output])
+    got = tensors(model, inputs_for(model, 11), [block_input, point.output])
     y = got[point.output]
     t = (0.8 * y + 0.3 * np.random.default_rng(4).normal(size=y.shape) + 2.0).astype(np.float32)
+    return graph, point, prefix, {block_input: got[block_input]}, y, t
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_prefix_computes_a_sampled_projection_input_on_the_sampled_positions_only(stride):
+    """A 1×1 projection read on every s-th row and column, behind a recomputed prefix (expansion, depthwise
+    3×3): the prefix's depthwise conv runs with s times its strides and the projection's copy with its own,
+    and the sums are still exactly those of the sampled positions."""
+    graph, point, prefix, x, y, t = projection_behind_prefix()
     probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride, prefix=prefix)
     strides = {node.name: [list(a.ints) for a in node.attribute if a.name == "strides"]
                for node in probe.model.graph.node if node.op_type == "Conv"}
     assert strides["dw"] == [[stride, stride]] and strides["expand"] == [[1, 1]] and strides["fskd/copy0"] == [[1, 1]]
-    stats = probe.accumulate(ProbeFeeds({block_input: got[block_input]}, sampled_rows(t, stride)), [slice(0, 11)], 4)[0]
+    stats = probe.accumulate(ProbeFeeds(x, sampled_rows(t, stride)), [slice(0, 11)], 4)[0]
     assert_close(stats, reference(sampled_rows(y, stride), sampled_rows(t, stride), 1, point.channels, 1), 1e-5)
 
 
 def test_probe_cuts_its_batches_to_the_arena_bound(monkeypatch):
     """A probe whose prefix recomputes a wide tensor runs fewer rows per batch under a small arena bound,
     with the same sums."""
-    model = inverted_residual_net()
-    graph = GraphIndex(model)
-    point = next(p for p in find_points(graph).points if p.name == "project")
-    block_input = graph.node_by_name["expand"].input[0]
-    prefix = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model([block_input], [point.input])
-    feeds = inputs_for(model, 11)
-    got = tensors(model, feeds, [block_input, point.output])
-    y = got[point.output]
-    t = (0.8 * y + 0.3 * np.random.default_rng(4).normal(size=y.shape) + 2.0).astype(np.float32)
-    probe_feeds = ProbeFeeds({block_input: got[block_input]}, t)
+    graph, point, prefix, x, _, t = projection_behind_prefix()
     make = lambda: StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, prefix=prefix)  # noqa: E731
-    whole = make().accumulate(probe_feeds, [slice(0, 8), slice(8, 11)], 4)
+    whole = make().accumulate(ProbeFeeds(x, t), [slice(0, 8), slice(8, 11)], 4)
     monkeypatch.setattr(runtime, "ARENA_BATCH_BYTES", 2 * 4 * (48 * 3 * 2 + 8) * 144)  # about 2 samples' worth
     cut = make()
     cut.session = ShapeRecorder(cut.session)
-    for got_stats, want in zip(cut.accumulate(probe_feeds, [slice(0, 8), slice(8, 11)], 4), whole):
+    for got_stats, want in zip(cut.accumulate(ProbeFeeds(x, t), [slice(0, 8), slice(8, 11)], 4), whole):
         assert_close(got_stats, want, 1e-5)
     assert max(cut.session.sizes) == 2
 
