@@ -462,13 +462,14 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
     skip (and a 1×1 op's input) are sliced here. ``prefix``: a sub-graph of the student that computes
     the point's input from cached tensors (SegmentRunner.side_graph), run first inside the probe so a
     wide input never leaves the runtime; for a 1×1 op sampled with s > 1, the prefix's last conv runs with
-    s times its strides instead of the op's copy (sampling.strided_tail). ``shifted`` = (C, H, W) (shifted_geometry): the patch Gram comes
-    as shifted channel products of the input instead (_ShiftedGram)."""
+    s times its strides instead of the op's copy (sampling.strided_tail). ``shifted`` = (C, H, W)
+    (shifted_geometry): the patch Gram comes as shifted channel products of the input instead (_ShiftedGram)."""
     g = GraphBuilder(graph.opset or 13, _X if prefix is None else point.input)
     copy_stride = stride  # the strides factor of the op's copy: 1 where the prefix already gives sampled positions
     if prefix is not None:
-        tail = strided_tail(list(prefix.graph.node), point.input, stride,
-                            {t.name: t for t in prefix.graph.initializer}) if _reads_sampled_input(point, graph, stride, source) else None
+        tail = None
+        if _reads_sampled_input(point, graph, stride, source):
+            tail = strided_tail(list(prefix.graph.node), point.input, stride, {t.name: t for t in prefix.graph.initializer})
         g.nodes.extend(tail if tail is not None else prefix.graph.node)
         g.initializers.extend(prefix.graph.initializer)
         copy_stride = 1 if tail is not None else stride
