@@ -61,6 +61,10 @@ class GraphIndex:
             return None
         return int(np.prod(shape[1:], dtype=np.int64))
 
+    def known_per_sample(self, tensors: list[str]) -> int:
+        """Elements per sample of the tensors together, counting those shape inference does not size as 0."""
+        return sum(self.per_sample(name) or 0 for name in tensors)
+
     def ancestors(self, tensor: str) -> set[str]:
         """Names of all nodes the tensor depends on."""
         seen: set[str] = set()

@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .graph import GraphIndex
-from .ops.base import attribute
+from .ops.base import attribute, explicit_pads
 from .points import CorrectionPoint
 from .runtime import make_session, one_batch_shape, pad_batch, rows_within_arena
 from .sampling import grid_slice, strided_copies, strided_tail
@@ -152,7 +152,7 @@ class StatsProbe:
         self.session = make_session(self.model, providers, exact=True)
         self.outputs = [output.name for output in self.model.graph.output]
         # Rows per run: what a batch keeps in the arena is at most the prefix's tensors and the point's output.
-        per_sample = sum(graph.per_sample(name) or 0 for name in [point.output] + [
+        per_sample = graph.known_per_sample([point.output] + [
             output for node in (prefix.graph.node if prefix is not None else []) for output in node.output if output])
         self.max_rows = rows_within_arena(self.session, 4 * per_sample, sys.maxsize)
 
@@ -564,7 +564,7 @@ def _reads_sampled_input(point: CorrectionPoint, graph: GraphIndex, stride: int,
     node = graph.node_by_name[point.name]
     return (graph.shapes[point.weight][2:] == (1, 1) and all(v == 1 for v in attribute(node, "strides", [1, 1]))
             and not any(attribute(node, "pads", [0, 0, 0, 0]))
-            and attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
+            and explicit_pads(node))
 
 
 def _positions(shape: tuple | None, axis: int, stride: int = 1) -> int | None:

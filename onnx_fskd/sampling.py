@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import GraphIndex
-from .ops.base import attribute
+from .ops.base import attribute, explicit_pads
 from .points import CorrectionPoint
 
 POSITIONS = ("auto", "all")
@@ -35,7 +35,7 @@ def position_stride(option: str, point: CorrectionPoint, graph: GraphIndex, feat
         return 1
     if (graph.opset or 1) < 10:
         return 1  # Slice takes steps from opset 10
-    if attribute(graph.node_by_name[point.name], "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+    if not explicit_pads(graph.node_by_name[point.name]):
         return 1
     shape = graph.shapes.get(point.output)
     if shape is None or len(shape) != 4 or shape[2] is None or shape[3] is None:
@@ -112,7 +112,7 @@ def strided_tail(nodes: list[onnx.NodeProto], target: str, stride: int,
         name = computed[0]
         if reads.count(name) != 1:
             return None
-    if node is None or attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+    if node is None or not explicit_pads(node):
         return None
     strided = strided_copies([node], [node.output[0]], stride, node.name)[0]
     strided.name = node.name

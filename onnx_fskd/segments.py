@@ -23,7 +23,7 @@ from .buffers import BufferPool
 from .fuse import ModelWriter, WeightUpdate, write_update
 from .graph import GraphIndex
 from .memory import ActivationMemory
-from .ops.base import attribute
+from .ops.base import explicit_pads
 from .points import CorrectionPoint
 from .runtime import make_session, rows_within_arena, run_batched
 from .sampling import grid_slice, sample_positions, strided_copies
@@ -196,7 +196,7 @@ class SegmentRunner:
     def _rows_per_run(self, nodes: list[onnx.NodeProto], session: ort.InferenceSession) -> int:
         """Rows per run of a segment: one batch's node outputs (float32, as far as shape inference knows
         them) within the arena bound (runtime.rows_within_arena)."""
-        per_sample = sum(self.graph.per_sample(name) or 0 for node in nodes for name in node.output if name)
+        per_sample = self.graph.known_per_sample([name for node in nodes for name in node.output if name])
         return rows_within_arena(session, 4 * per_sample, self.batch_size)
 
     def _write_folded(self, segment: onnx.ModelProto, names: set[str]) -> None:
@@ -288,7 +288,7 @@ def _strided_recipe(graph: GraphIndex, tensor: str, stride: int) -> list[onnx.No
         node = graph.producer.get(computed[0])
     if node is None or node.op_type != "Conv" or len(node.input) < 2 or not graph.is_constant(node.input[1]):
         return None
-    if attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+    if not explicit_pads(node):
         return None
     if int(np.prod(graph.constant(node.input[1]).shape[1:])) > MAX_COPY_MACS * stride * stride:
         return None

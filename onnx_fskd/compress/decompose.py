@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from ..errors import FskdError, UsageError
 from ..graph import GraphIndex, fresh_name
 from ..normalize import normalise
-from ..ops.base import attribute
+from ..ops.base import attribute, explicit_pads
 from ..pairing import MapEntry
 from ..points import find_points
 from ..shapes import infer_tensor_shapes
@@ -196,7 +196,7 @@ def _conv_plans(graph, node, weight, method, choice) -> tuple[list[Plan], str | 
 def _spatial_reason(node, weight) -> str | None:
     if weight.ndim != 4 or weight.shape[2] < 2 or weight.shape[3] < 2:
         return f"skipped, spatial SVD needs a 2-D k×k kernel (this one is {'×'.join(map(str, weight.shape[2:]))})"
-    if attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
+    if not explicit_pads(node):
         return "skipped, spatial SVD needs explicit pads (auto_pad is set)"
     return None
 

@@ -66,3 +66,9 @@ def attribute(node: onnx.NodeProto, name: str, default):
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
     return default
+
+
+def explicit_pads(node: onnx.NodeProto) -> bool:
+    """Whether a conv's padding is its ``pads`` attribute (auto_pad NOTSET or VALID), not derived from the
+    input size at run time (SAME_UPPER/SAME_LOWER): only then do its output positions follow from its strides."""
+    return attribute(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID")
