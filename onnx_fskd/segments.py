@@ -15,7 +15,6 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 from onnx.utils import Extractor
 
 from .errors import FskdError
@@ -24,7 +23,7 @@ from .fuse import ModelWriter, WeightUpdate, write_update
 from .graph import GraphIndex
 from .memory import ActivationMemory
 from .ops.base import explicit_pads
-from .points import CorrectionPoint
+from .points import CorrectionPoint, linear_op_for_type
 from .runtime import make_session, rows_within_arena, run_batched
 from .sampling import grid_slice, sample_positions, strided_copies
 from .solve import Adapter
@@ -235,21 +234,16 @@ class SegmentRunner:
 
 
 def _apply_first(model: onnx.ModelProto, corrections: dict[str, Adapter]) -> None:
-    """Each corrected graph input read through a 1×1 conv computing Q·y + d (Q block-diagonal: a grouped
-    conv), which ORT fuses with what follows (a ReLU, a residual Add)."""
+    """Each corrected (N, C, H, W) float32 graph input read through the 1×1 conv computing Q·y + d that the
+    merge check inserts too (ConvOp.explicit_q), which ORT fuses with what follows (a ReLU, a residual Add)."""
     graph = model.graph
     for name, adapter in corrections.items():
-        count, size, _ = adapter.blocks.shape
-        dtype = next(value.type.tensor_type.elem_type for value in graph.input if value.name == name)
-        numpy_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
-        corrected, weight, bias = (f"{name}/fskd_corrected{suffix}" for suffix in ("", "/w", "/b"))
+        corrected = f"{name}/fskd_corrected"
         for node in graph.node:
             node.input[:] = [corrected if i == name else i for i in node.input]
-        graph.initializer.extend([
-            numpy_helper.from_array(adapter.blocks.reshape(count * size, size, 1, 1).astype(numpy_type), weight),
-            numpy_helper.from_array(adapter.d.astype(numpy_type), bias)])
-        graph.node.insert(0, onnx.helper.make_node("Conv", [name, weight, bias], [corrected], name=corrected,
-                                                   kernel_shape=[1, 1], group=count))
+        nodes, initializers = linear_op_for_type("Conv").explicit_q(corrected, name, corrected, adapter.q, adapter.d, 4)
+        graph.initializer.extend(initializers)
+        graph.node.insert(0, nodes[0])
 
 
 def _add_sampled_outputs(segment: onnx.ModelProto, sampled: dict[str, tuple[str, int]], bases: list[str],
