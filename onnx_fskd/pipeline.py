@@ -306,6 +306,7 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
         kind = "sum" if use_sum else "plain"
         prefetch = _teacher_prefetch(pairs[index + 1:], choices[index + 1:], t_run, plan.t_graph, len(samples),
                                      with_skips, _prefetch_budget(memory))
+        later = _teacher_names(pairs[index + 1:], choices[index + 1:], with_skips)
         t_names = choice.teacher_names(t, use_sum)
         known = _known_kept(pair, mapper)
         form = choice.form
@@ -322,7 +323,7 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
             side = s_run.side_graph(s.input) if fixed_batch is None and not fed else None
             x_names = [i.name for i in side.graph.input] if side is not None else [s.output if fed else s.input]
             s_out = s_run.compute(x_names + ([s.residual_skip] if use_sum else []))
-            t_out = t_run.compute(t_names, prefetch=prefetch)
+            t_out = t_run.compute(t_names, prefetch=prefetch, later=later)
             mask = _row_mask(s, plan.s_graph, samples)
             probe = StatsProbe(s, plan.s_graph, kept, t.channels, providers, use_sum, use_sum, mask is not None,
                                stride, form.linear_map if form is not None else None, side, fed)
@@ -348,7 +349,7 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
             continue
         want_input = form is not None
         s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []) + ([s.input] if want_input else []))
-        t_out = t_run.compute(t_names, prefetch=prefetch)
+        t_out = t_run.compute(t_names, prefetch=prefetch, later=later)
         y = s_out[s.output]
         kept, how = known if known is not None else _activation_kept(pair, sample_positions(y, stride), t_out[t_names[0]],
                                                                      rows.fit)
@@ -390,10 +391,15 @@ def _after_point(index: int, pairs: list[PointPair], choices: list[_Choice], s: 
                  t_run: SegmentRunner, fitted_outputs: set[str], progress: Progress | None, with_skips: bool) -> None:
     """Bookkeeping once a point is fitted: teacher tensors no later point asks for are released."""
     fitted_outputs.add(s.output)
-    later = {name for p, c in zip(pairs[index + 1:], choices[index + 1:]) for name in c.teacher_names(p.teacher, with_skips)}
+    later = set(_teacher_names(pairs[index + 1:], choices[index + 1:], with_skips))
     t_run.release([name for name in choices[index].teacher_names(t, True) if name not in later])
     if progress:
         progress("points", index + 1, len(pairs))
+
+
+def _teacher_names(pairs: list[PointPair], choices: list[_Choice], with_skips: bool) -> list[str]:
+    """The teacher tensors that the points' statistics read, in fit order."""
+    return [name for pair, choice in zip(pairs, choices) for name in choice.teacher_names(pair.teacher, with_skips)]
 
 
 def _row_mask(point: CorrectionPoint, graph: GraphIndex, samples: Samples) -> np.ndarray | None:

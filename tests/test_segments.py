@@ -105,3 +105,33 @@ def test_segments_cut_their_batches_to_the_arena_bound(monkeypatch):
     for name in names:
         np.testing.assert_allclose(runner.compute([name])[name], expected[name], rtol=1e-5, atol=1e-5)
     assert max(rows) < 8 and min(rows) < max(rows)
+
+
+def test_later_tensors_come_out_of_the_segment_that_computes_them(monkeypatch):
+    """A tensor asked for later whose producer runs in this segment comes out of it (sampled or not), and
+    the later request runs nothing; one whose producer does not run here is left to its own segment. Without
+    ``later`` the inner tensor is dropped, and asking for it reruns the block from the stem's output."""
+    model = resnet_net()
+    graph = GraphIndex(model)
+    feeds = random_inputs(model, 10)
+    inner, inner_sampled, beyond = "b1.c1.relu", sampled_name("b1.c2.bn", 2), "b2.relu"
+    want = SegmentRunner(model, graph, CPU, 4, None)
+    want.start(feeds)
+    expected = want.compute([inner, "b1.c2.bn", beyond])
+    runs: list[list[str]] = []
+    run_segment = SegmentRunner._run_segment
+    monkeypatch.setattr(SegmentRunner, "_run_segment", lambda self, missing: (runs.append(missing),
+                                                                               run_segment(self, missing))[1])
+    for later, reruns in (([inner, inner_sampled, beyond], 0), ([], 1)):
+        runner = SegmentRunner(model, graph, CPU, 4, None)
+        runner.start(feeds)
+        runner.compute(["b1.relu"], later=later)
+        assert (beyond in runner.cache) is False
+        runs.clear()
+        got = runner.compute([inner])[inner]
+        assert len(runs) == reruns
+        np.testing.assert_allclose(got, expected[inner], rtol=1e-5, atol=1e-5)
+        if later:
+            np.testing.assert_allclose(runner.compute([inner_sampled])[inner_sampled],
+                                       expected["b1.c2.bn"][:, :, ::2, ::2], rtol=1e-5, atol=1e-5)
+            assert not runs
