@@ -8,7 +8,8 @@
 #   providers.txt   the ORT build, its providers and the GPU
 #   log.txt         each step's tail: `fit --provider cuda` on the shipped VGG pair and on a
 #                   50 %-pruned MobileNet-style ImageNet net, with the merge check's provider and tolerance
-#   fit_cost.txt    bench/fit_cost.py rows: CUDA (q and auto, both nets; mobilenet q with each $COMPARE option),
+#   fit_cost.txt    bench/fit_cost.py rows: CUDA (q and auto, both nets, no flips; step defaults: auto with
+#                   flips; mobilenet q with each $COMPARE option),
 #                   then the host's CPU provider
 # The whole script took no GPU here; a dry run on the CPU checks its logic:
 #     PROVIDER=cpu SAMPLES=16 OUT=/tmp/dry bash bench/gpu_check.sh
@@ -18,7 +19,7 @@
 #     git archive REV onnx_fskd | tar -x -C DIR): the `q` rows of both nets, this code, that one, this one.
 # The device time of a task is short: every step is cut at DEADLINE seconds from the start (default 300),
 # the most important first, and a step that would get under 20 s is skipped and logged as such.
-# STEPS picks the steps, in this order: sessions vgg mobilenet_fit q ab auto compare cpu cprofile
+# STEPS picks the steps, in this order: sessions vgg mobilenet_fit q auto defaults ab compare cpu cprofile
 # (default: vgg mobilenet_fit q auto compare cpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -88,6 +89,12 @@ for solver in q auto; do
         fit_cost 75 --net "$net" --solver "$solver" --provider "$PROVIDER"
     done
 done
+if step defaults; then  # the fit's own defaults: solver auto, flipped copies of the samples
+    for net in mobilenet resnet18; do
+        log "fit_cost $PROVIDER $net auto, flips"
+        fit_cost 120 --net "$net" --solver auto --augment auto --provider "$PROVIDER"
+    done
+fi
 if step ab && [ -n "${BEFORE:-}" ]; then
     for net in mobilenet resnet18; do
         for code in this before this; do
