@@ -4,6 +4,7 @@ point's whole weight, shrunk towards its current value."""
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,15 +111,35 @@ def _blas() -> ThreadpoolController:
 def one_blas_thread():
     """A context in which BLAS runs on one thread: for the fit's many small host products and solves,
     which the runtime's own threads would otherwise compete with."""
-    return _blas().limit(limits=1, user_api="blas")
+    return blas_threads(1)
+
+
+def blas_threads(count: int):
+    """A context in which BLAS runs on ``count`` threads."""
+    return _blas().limit(limits=count, user_api="blas")
+
+
+# From this many unknowns (the full solver's 2305- and 4609-feature 3×3 convs: 10–30 GFLOP per solve) a
+# system is solved on half the cores the process may use: one thread took 9 of the 24 s of ResNet-18's
+# default fit on an H100 host with 16 cores. Half, not all: OpenBLAS's threads spin, and on a busy
+# machine more threads than free cores made a 1281² Cholesky take 3–4 s instead of 0.3 s. A 2-core
+# machine keeps one thread.
+PARALLEL_SOLVE_UNKNOWNS = 2048
+
+
+def solve_threads(unknowns: int) -> int:
+    """BLAS threads for a system of ``unknowns`` unknowns: one, or half the usable cores for a large one."""
+    if unknowns < PARALLEL_SOLVE_UNKNOWNS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 2)
 
 
 def _solve_spd(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Batched solve of symmetric positive definite systems: Cholesky (half LU's work) for one big
-    block, numpy's batched LU for many small ones; LU again if rounding broke definiteness. One BLAS
-    thread: these systems are small, and on a busy machine OpenBLAS's threads made a 1281² Cholesky
-    take 3–4 s instead of 0.3 s (the runtime's own threads compete with them)."""
-    with one_blas_thread():
+    block, numpy's batched LU for many small ones; LU again if rounding broke definiteness. BLAS threads
+    by solve_threads: one for the many small systems."""
+    with blas_threads(solve_threads(lhs.shape[-1])):
         return _solve_spd_here(lhs, rhs)
 
 

@@ -77,3 +77,21 @@ def test_one_blas_thread_limits_every_blas_library_and_restores_them():
         with one_blas_thread():
             assert set(blas().values()) == {1}
         assert blas() == before
+
+
+@pytest.mark.parametrize("cores, unknowns, threads", [(16, 130, 8), (16, 63, 1), (2, 130, 1), (3, 64, 1), (5, 64, 2)])
+def test_large_systems_are_solved_on_half_the_cores(monkeypatch, cores, unknowns, threads):
+    """A system of PARALLEL_SOLVE_UNKNOWNS unknowns or more is solved with BLAS on half the usable cores
+    (one on a 2-core machine); a smaller one on one thread."""
+    import onnx_fskd.solve as solve
+
+    monkeypatch.setattr(solve.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(solve, "PARALLEL_SOLVE_UNKNOWNS", 64)  # small systems for the test
+    asked: list[int] = []
+    limit = solve.blas_threads
+    monkeypatch.setattr(solve, "blas_threads", lambda count: (asked.append(count), limit(count))[1])
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(unknowns + 3, unknowns))
+    lhs, rhs = (a.T @ a + np.eye(unknowns))[None], rng.normal(size=(1, unknowns, 2))
+    np.testing.assert_allclose(lhs[0] @ solve._solve_spd(lhs, rhs)[0], rhs[0], atol=1e-8)
+    assert asked == [threads]
