@@ -361,7 +361,7 @@ def test_patch_probe_sums_match_im2col_in_float64(make, stride, sliced, padded, 
         t = (1.1 * y + 0.2 * np.random.default_rng(5).normal(size=y.shape) - 1.0).astype(np.float32)
         probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride,
                            full=full_form(point, graph).linear_map)
-        assert (probe.order is not None) == sliced
+        assert (probe.grid is not None) == sliced
         node = graph.node_by_name[point.name]
         same_size = graph.shapes[point.weight][2:] == (3, 3) and all(
             list(a.ints) == ([1] * 4 if a.name == "pads" else [1, 1]) for a in node.attribute if a.name in ("pads", "strides"))
@@ -577,7 +577,7 @@ def test_shifted_gram_is_the_im2col_gram_in_float64():
         x = rng.normal(size=(samples, channels, h, w)) + offset * np.arange(1, channels + 1)[None, :, None, None]
         padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
         patches.append(np.stack([padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=1)
-                       .transpose(0, 3, 4, 1, 2).reshape(-1, 9 * channels))  # features (i, j, c): patch_order
+                       .transpose(0, 3, 4, 1, 2).reshape(-1, 9 * channels))  # features (i, j, c): patch_grid
         m = x.mean(axis=(0, 2, 3))
         centred = (x - m[None, :, None, None]).transpose(1, 0, 2, 3)
         values = {"shifted/m": m, "shifted/M": centred.sum(axis=1)}
@@ -588,3 +588,9 @@ def test_shifted_gram_is_the_im2col_gram_in_float64():
         gram.add(values, samples)
     rows = np.concatenate(patches)
     np.testing.assert_allclose(gram.gram(), rows.T @ rows, rtol=1e-12, atol=1e-9)
+    # In the weight's order (c, i, j), written into the leading block of a wider matrix (the system's).
+    system = np.full((9 * channels + 1, 9 * channels + 1), np.nan)
+    gram.gram(system[:-1, :-1], weight_order=True)
+    weight_rows = rows.reshape(-1, 9, channels).transpose(0, 2, 1).reshape(-1, 9 * channels)
+    np.testing.assert_allclose(system[:-1, :-1], weight_rows.T @ weight_rows, rtol=1e-12, atol=1e-9)
+    assert np.isnan(system[-1]).all() and np.isnan(system[:, -1]).all()
