@@ -345,7 +345,7 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
                 elif config.mode == "sequential":
                     s_run.fold(s, point_fit.update)
             del s_out, t_out, feeds, probe  # the probe session holds its arena of batch intermediates
-            _after_point(index, pairs, choices, s, t, t_run, fitted_outputs, progress, with_skips)
+            _after_point(index, len(pairs), choice, s, t, t_run, fitted_outputs, progress, later)
             continue
         want_input = form is not None
         s_out = s_run.compute([s.output] + ([s.residual_skip] if use_sum else []) + ([s.input] if want_input else []))
@@ -375,7 +375,7 @@ def _fit_points(plan: _Plan, samples: Samples, rows: Rows, config: FitConfig, pr
         if use_sum:
             s_run.buffers.retire(target)
         del s_out, t_out, y, target  # let the runners recycle them
-        _after_point(index, pairs, choices, s, t, t_run, fitted_outputs, progress, with_skips)
+        _after_point(index, len(pairs), choice, s, t, t_run, fitted_outputs, progress, later)
     out_name = plan.s_graph.graph_outputs[0]
     fitted = _Fitted(fits, t_run.compute([out_name])[out_name], s_run.compute([out_name])[out_name])
     report.memory = memory.summary()
@@ -387,14 +387,14 @@ def _prefetch_budget(memory: ActivationMemory) -> int:
     return PREFETCH_BYTES if memory.limit is None else min(PREFETCH_BYTES, memory.limit // 4)
 
 
-def _after_point(index: int, pairs: list[PointPair], choices: list[_Choice], s: CorrectionPoint, t: CorrectionPoint,
-                 t_run: SegmentRunner, fitted_outputs: set[str], progress: Progress | None, with_skips: bool) -> None:
-    """Bookkeeping once a point is fitted: teacher tensors no later point asks for are released."""
+def _after_point(index: int, total: int, choice: _Choice, s: CorrectionPoint, t: CorrectionPoint,
+                 t_run: SegmentRunner, fitted_outputs: set[str], progress: Progress | None, later: list[str]) -> None:
+    """Bookkeeping once a point is fitted: teacher tensors no later point asks for (``later``) are released."""
     fitted_outputs.add(s.output)
-    later = set(_teacher_names(pairs[index + 1:], choices[index + 1:], with_skips))
-    t_run.release([name for name in choices[index].teacher_names(t, True) if name not in later])
+    asked = set(later)
+    t_run.release([name for name in choice.teacher_names(t, True) if name not in asked])
     if progress:
-        progress("points", index + 1, len(pairs))
+        progress("points", index + 1, total)
 
 
 def _teacher_names(pairs: list[PointPair], choices: list[_Choice], with_skips: bool) -> list[str]:
