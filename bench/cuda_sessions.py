@@ -40,8 +40,9 @@ def sessions(model_bytes: bytes, providers: list[str], batch: np.ndarray, short:
         start = time.perf_counter()
         session = ort.InferenceSession(model_bytes, options, providers=session_providers(providers, exact=True))
         setup = time.perf_counter() - start
-        run = lambda x: seconds(lambda: session.run(["logits"], {"input": x}))  # noqa: E731
+        run = lambda x, s=session: seconds(lambda: s.run(["logits"], {"input": x}))  # noqa: E731
         times = [run(batch), run(batch), run(short), run(short)]
+        del run  # holds the session
         print(f"{'shared arena' if shared else 'own arena'} session {attempt}: set-up {setup:.3f} s; "
               f"{len(batch)} samples: first run {times[0]:.3f} s, second {times[1]:.3f} s; "
               f"then {len(short)} samples: first run {times[2]:.3f} s, second {times[3]:.3f} s", flush=True)

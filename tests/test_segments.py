@@ -57,10 +57,15 @@ def test_strided_copies_only_where_cheap():
 
 
 @pytest.mark.parametrize("group_size", [16, 4, 1])
-def test_deferred_correction_is_applied_by_every_reader(group_size):
+def test_deferred_correction_is_applied_by_every_reader(group_size, monkeypatch):
     """A correction deferred on a cached tensor (dense, block-diagonal or diagonal Q, and d) reaches both
     of its readers, run in two segments (a conv, and later a residual Add), as if the corrected tensor had
-    been cached; the tensor itself comes back corrected when asked for."""
+    been cached, through a 1×1 conv grouped as Q's blocks are (group_size multiply-adds per element, not
+    16); the tensor itself comes back corrected when asked for."""
+    segment_models = []
+    make_session = segments.make_session
+    monkeypatch.setattr(segments, "make_session",
+                        lambda model, *args, **kwargs: segment_models.append(model) or make_session(model, *args, **kwargs))
     model = resnet_net()
     graph = GraphIndex(model)
     feeds = random_inputs(model, 10)
@@ -77,7 +82,12 @@ def test_deferred_correction_is_applied_by_every_reader(group_size):
     deferred.defer(stem, adapter)
     assert not np.allclose(deferred.cache[stem], corrected)  # not applied on the host
     for name in (first, block):  # b1.c1 reads it in one segment, b1.add in the next
+        segment_models.clear()
         np.testing.assert_allclose(deferred.compute([name])[name], host.compute([name])[name], rtol=1e-4, atol=1e-4)
+        (correction,) = [n for m in segment_models for n in m.graph.node if n.output[0] == f"{stem}/fskd_corrected"]
+        kernel = next(t for m in segment_models for t in m.graph.initializer if t.name == correction.input[1])
+        assert correction.op_type == "Conv" and tuple(kernel.dims) == (16, group_size, 1, 1)
+        assert [a.i for a in correction.attribute if a.name == "group"] == [16 // group_size]
     asked = SegmentRunner(model, graph, CPU, 4, None)
     asked.start(feeds)
     asked.compute([stem])
