@@ -23,7 +23,7 @@ from .fuse import ModelWriter, WeightUpdate, write_update
 from .graph import GraphIndex
 from .memory import ActivationMemory
 from .ops.base import explicit_pads
-from .points import CorrectionPoint
+from .points import CorrectionPoint, linear_op_for_type
 from .runtime import make_session, rows_within_arena, run_batched
 from .sampling import grid_slice, sample_positions, strided_copies
 from .solve import Adapter
@@ -246,21 +246,20 @@ class SegmentRunner:
 
 
 def _apply_first(model: onnx.ModelProto, corrections: dict[str, Adapter]) -> None:
-    """Each corrected (N, C, H, W) float32 graph input read through a 1×1 conv computing Q·y + d, which ORT
-    fuses with what follows (a ReLU, a residual Add). The conv is grouped as Q's diagonal blocks are: a
-    grouped conv's Q costs g multiply-adds per element, not C (C = 256 in blocks of 4 at 14×14: 3.2 ms per
-    64 rows against 18.3 ms dense, 2-core CPU)."""
+    """Each corrected (N, C, H, W) float32 graph input read through the 1×1 conv computing Q·y + d that the
+    merge check inserts too (ConvOp.explicit_q), which ORT fuses with what follows (a ReLU, a residual Add).
+    Here it is grouped as Q's diagonal blocks are: a grouped conv's Q costs g multiply-adds per element,
+    not C (C = 256 in blocks of 4 at 14×14: 3.2 ms per 64 rows against 18.3 ms dense, 2-core CPU)."""
     graph = model.graph
     for name, adapter in corrections.items():
         corrected = f"{name}/fskd_corrected"
         for node in graph.node:
             node.input[:] = [corrected if i == name else i for i in node.input]
         count, size, _ = adapter.blocks.shape
-        kernel = adapter.blocks.reshape(count * size, size, 1, 1).astype(np.float32)
-        graph.initializer.extend([onnx.numpy_helper.from_array(kernel, f"{corrected}/Q"),
-                                  onnx.numpy_helper.from_array(adapter.d.astype(np.float32), f"{corrected}/d")])
-        graph.node.insert(0, onnx.helper.make_node("Conv", [name, f"{corrected}/Q", f"{corrected}/d"], [corrected],
-                                                   name=f"{corrected}/Q", group=count))
+        nodes, initializers = linear_op_for_type("Conv").explicit_q(
+            corrected, name, corrected, adapter.blocks.reshape(count * size, size), adapter.d, 4, group=count)
+        graph.initializer.extend(initializers)
+        graph.node.insert(0, nodes[0])
 
 
 def _add_sampled_outputs(segment: onnx.ModelProto, sampled: dict[str, tuple[str, int]], bases: list[str],

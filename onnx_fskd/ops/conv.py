@@ -33,10 +33,12 @@ class ConvOp(LinearOp):
     def bias_slot(self, node):
         return 2
 
-    def explicit_q(self, name, source, target, q, d, rank):
+    def explicit_q(self, name, source, target, q, d, rank, group=1):
+        """``group`` > 1: ``q`` is the (C, C/group) kernel of a grouped 1×1 conv, Q's diagonal blocks stacked."""
         kernel = q.reshape(q.shape + (1,) * (rank - 2)).astype(np.float32)
         inits = [numpy_helper.from_array(kernel, f"{name}/Q"), numpy_helper.from_array(d.astype(np.float32), f"{name}/d")]
-        node = helper.make_node("Conv", [source, f"{name}/Q", f"{name}/d"], [target], name=f"{name}/explicit_Q")
+        node = helper.make_node("Conv", [source, f"{name}/Q", f"{name}/d"], [target], name=f"{name}/explicit_Q",
+                                group=group)
         return [node], inits
 
 
