@@ -2,6 +2,7 @@
 
     python bench/fit_cost.py [--net resnet18|mobilenet] [--samples 256] [--batch 32] [--solver q|auto|full]
                              [--augment auto|none] [--stats-positions auto|all] [--max-memory SIZE]
+                             [--prefault SIZE]
 
 The floor is one teacher and one student forward over the samples given. ``--augment auto`` (the fit's
 default) adds a flipped copy of every fit sample, so the fit processes 1.8× those samples: compare
@@ -12,7 +13,11 @@ fit's profile: runtime (teacher) and runtime (student), the segment runs of each
 and ORT), statistics (in-graph probes, or NumPy sums on the host), solve (the small ridge systems),
 verify, and the rest. Memory: the process's peak RSS, and on Linux the peak of its anonymous memory
 (RSS less file-backed pages, which is what ``--max-memory`` bounds: the cache past it lives in a
-mapped file the kernel can page out)."""
+mapped file the kernel can page out). The fit's system time and the memory it touched for the first time
+(minor page faults) are printed too: on a VM whose balloon driver reports freed memory to the host,
+a first touch costs about ten times what it costs on bare metal, and ``--prefault SIZE`` (e.g. 4G)
+touches and frees that much heap before the fit, inside the fit's retained heap (heap.py), so that the
+fit's first writes land on memory the host already backs (BENCHMARKS.md, "Fresh memory on this VM")."""
 
 from __future__ import annotations
 
@@ -168,6 +173,8 @@ def main() -> None:
     parser.add_argument("--augment", default="auto", help="auto (the fit's default: flips for images) or none")
     parser.add_argument("--stats-positions", default="auto", help="auto (a grid of conv output positions) or all")
     parser.add_argument("--max-memory", default=None, help="the fit's --max-memory (e.g. 1G); default: the fit's")
+    parser.add_argument("--prefault", default=None, metavar="SIZE",
+                        help="touch and free SIZE (e.g. 4G) of heap just before the fit, kept for it (see above)")
     parser.add_argument("--cuda-option", action="append", default=[], metavar="KEY=VALUE",
                         help="CUDA provider option for the fit's sessions, for comparison (repeatable), e.g. "
                              "cudnn_conv_algo_search=EXHAUSTIVE (ORT's default; the fit uses HEURISTIC)")
@@ -186,6 +193,13 @@ def main() -> None:
     before = passes()
     runtime.UNTUNED_CUDA_OPTIONS.update(option.split("=", 1) for option in args.cuda_option)
     profile = profiled()
+    kept_heap = contextlib.ExitStack()
+    if args.prefault is not None:
+        from onnx_fskd.memory import parse_size
+
+        kept_heap.enter_context(retained_heap())  # entered before the fit's own, left after it: kept throughout
+        np.ones(parse_size(args.prefault) // 8)  # written, then freed at once: the heap keeps the pages
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     options = dict(batch_size=args.batch, provider=args.provider, mode=args.mode, points=args.points,
                    solver=args.solver, augment=args.augment)
@@ -198,11 +212,12 @@ def main() -> None:
     # cProfile (Python 3.12+) records every thread: the memory sampler's waits would swallow the fit's own time.
     profiler = cProfile.Profile() if args.cprofile else contextlib.nullcontext()
     sampler = contextlib.nullcontext(AnonymousPeak()) if args.cprofile else AnonymousPeak()
-    with sampler as anonymous, SessionCount() as sessions, profiler:
+    with kept_heap, sampler as anonymous, SessionCount() as sessions, profiler:
         result = fit(teacher, student, Samples(feeds), FitConfig(**options))
+        fit_time = time.perf_counter() - start
+        fit_usage = resource.getrusage(resource.RUSAGE_SELF)
     if args.cprofile:
         profiler.dump_stats(args.cprofile)
-    fit_time = time.perf_counter() - start
     after = passes()
     floor = min(before, after)  # the machine may be shared: the fastest forward is the conservative floor
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.report.seconds.items())
@@ -215,6 +230,9 @@ def main() -> None:
              f"(budget {result.report.memory['limit_bytes'] / 2**30:.2f} GB)" if getattr(result.report, "memory", None)
              else ""))
     print(f"forward floor measured before the fit {before:.3g} s, after it {after:.3g} s")
+    print(f"fit: system time {fit_usage.ru_stime - usage.ru_stime:.1f} s, user {fit_usage.ru_utime - usage.ru_utime:.1f} s; "
+          f"memory touched for the first time (minor page faults) {(fit_usage.ru_minflt - usage.ru_minflt) * resource.getpagesize() / 2**30:.2f} GiB"
+          + (f"; {args.prefault} prefaulted before it (included in the peaks above)" if args.prefault else ""))
     print(f"sessions created by the fit: {sessions.count}, {sessions.seconds:.1f} s set-up in all"
           + (f" (CUDA options of the fit's sessions: {runtime.session_providers(providers, True)[0][1]})"
              if result.report.provider == "cuda" else ""))

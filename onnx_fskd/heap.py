@@ -24,7 +24,7 @@ from contextlib import contextmanager
 # glibc's mallopt parameters and their defaults (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-_NEVER_TRIM = 2**31 - 1  # mallopt takes an int
+_NEVER_TRIM = -1  # mallopt(3): -1 turns trimming off; any int threshold (2**31 − 1 at most) still trims a larger free top
 
 _lock = threading.Lock()
 _depth = 0  # retained_heap calls active; the settings change at the first and revert at the last

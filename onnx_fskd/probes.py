@@ -227,16 +227,13 @@ class _Sums:
         n = float(v["rows"]) if v["rows"] >= 0 else float(shape[0] * shape[3])
         Sx, Sd, Qd = (v[name].astype(np.float64).sum(axis=0) for name in ("Sx", "Sd", "Qd"))  # (B, k), (B, m)
         sx, sd = v["sx"].astype(np.float64).reshape(Sx.shape), v["sd"].astype(np.float64).reshape(Sd.shape)
-        gxd = v["Gxd"].reshape(Sx.shape[0], Sx.shape[1], Sd.shape[1])
-        if self._gxd is None:
-            self._gxd = gxd.astype(np.float64)
-        else:
-            np.add(self._gxd, gxd, out=self._gxd)
+        gxd = _per_batch(v["Gxd"], (Sx.shape[0], Sx.shape[1], Sd.shape[1]))
+        self._gxd = gxd if self._gxd is None else np.add(self._gxd, gxd, out=self._gxd)
         if self._shifted is not None:
             self._shifted.add(v, int(shape[0]))
         else:
-            gxx = v["Gxx"].reshape(Sx.shape[0], Sx.shape[1], Sx.shape[1])
-            self._gxx = gxx.astype(np.float64) if self._gxx is None else np.add(self._gxx, gxx, out=self._gxx)
+            gxx = _per_batch(v["Gxx"], (Sx.shape[0], Sx.shape[1], Sx.shape[1]))
+            self._gxx = gxx if self._gxx is None else np.add(self._gxx, gxx, out=self._gxx)
         self._shifts.append(_BatchShift(n, sx, Sx, sd, Sd))
         self.x = self.x + n * sx + Sx
         self.d = self.d + n * sd + Sd
@@ -323,6 +320,15 @@ class _Sums:
         yd = float(np.einsum("ij,ji->", a, xd)) + float(b @ d)
         yy = float(np.einsum("ij,ji->", a, xx_at)) + 2.0 * float(b @ ax) + n * float(b @ b)
         return GramStats(zz, zt, self.dd + 2.0 * yd + yy, int(round(n)))
+
+
+def _per_batch(product: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A batch's float32 product as ``shape`` in float64; one that came per sample (a leading sample axis:
+    the depthwise probes) summed over its samples here."""
+    product = product.astype(np.float64)
+    if product.size == np.prod(shape):
+        return product.reshape(shape)
+    return product.reshape((-1,) + shape).sum(axis=0)
 
 
 def _weight_order(v: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -547,14 +553,16 @@ def _build(point: CorrectionPoint, graph: GraphIndex, kept: np.ndarray, teacher_
         weight = g.op("Expand", weight, rows_shape)
     g.output(g.op("Shape", dp), "shape")
     g.output(g.reduce("ReduceSum", weight, [0, 1, 2, 3], 0) if masked else g.const("no_mask", np.float32(-1)), "rows")
-    xc = g.centred(xp, "sx", weight)
-    dc = g.centred(dp, "sd", weight)
-    g.output(g.reduce("ReduceSum", xc, [3], 0), "Sx")
-    g.output(g.reduce("ReduceSum", dc, [3], 0), "Sd")
-    g.output(g.reduce("ReduceSumSquare", dc, [3], 0), "Qd")
-    if k == 1 and source in ("output", "fed"):  # depthwise: one scalar regression per channel
-        g.output(g.reduce("ReduceSum", g.op("Mul", xc, xc), [0, 3], 0), "Gxx")
-        g.output(g.reduce("ReduceSum", g.op("Mul", xc, dc), [0, 3], 0), "Gxd")
+    xc = g.centred(xp, "sx", "Sx", weight)
+    dc = g.centred(dp, "sd", "Sd", weight)
+    # Per-sample sums of products along the contiguous position axis, as Mul + ReduceSum: ORT runs them
+    # faster than its ReduceSumSquare, and far faster than a ReduceSum over samples and positions (4.8M
+    # elements: 1.6 ms, 2.1 ms, 2.9 ms). MobileNet-like bench net, ir7.dw probe, 64 rows: 19–24 ms → 14 ms.
+    g.output(g.reduce("ReduceSum", g.op("Mul", dc, dc), [3], 0), "Qd")
+    if k == 1 and source in ("output", "fed"):  # depthwise: one scalar regression per channel, summed per
+        # sample (the host adds the samples up in float64)
+        g.output(g.reduce("ReduceSum", g.op("Mul", xc, xc), [3], 0), "Gxx")
+        g.output(g.reduce("ReduceSum", g.op("Mul", xc, dc), [3], 0), "Gxd")
     elif positions is not None and positions >= PER_SAMPLE_POSITIONS and source != "patches":
         # Many positions per sample: one (k×L)·(L×k) product per sample, summed (no relayout).
         for other, name in ((xc, "Gxx"), (dc, "Gxd")):
@@ -728,14 +736,27 @@ class GraphBuilder:
         moved = self.op("Transpose", planes, perm=[1, 2, 0, 3])
         return self.op("Reshape", moved, self.const(f"rows{len(self.initializers)}", np.array([0, 0, -1])))
 
-    def centred(self, planes: str, role: str, weight: str | None) -> str:
+    def centred(self, planes: str, role: str, sums_role: str, weight: str | None) -> str:
         """(planes − s)·w with s the per-channel mean of the rows that count (any shift is exact, the host
-        adds it back; the closer to the mean, the less float32 cancellation)."""
+        adds it back; the closer to the mean, the less float32 cancellation), output as ``role``, and the
+        per-sample sums of (planes − s)·w as ``sums_role`` (N, B, k).
+        One pass over the planes, per sample along their contiguous position axis, gives both s and the sums
+        (Σx − count·s), instead of a strided mean over (N, L) and a second pass for the sums. Without a
+        weight the same ops run on w = 1, so padding a batch (weight 0) leaves every number of the real
+        rows as it was."""
+        weighted = planes if weight is None else self.op("Mul", planes, weight)
+        sums = self.reduce("ReduceSum", weighted, [3], 1)  # (N, B, k, 1)
         if weight is None:
-            shift = self.reduce("ReduceMean", planes, [0, 3], 1)
+            shape = self.op("Cast", self.op("Shape", planes), to=TensorProto.FLOAT)
+            count = self.op("Gather", shape, self.const(f"positions{len(self.initializers)}", np.array(3)), axis=0)
+            total = self.op("Mul", self.op("Gather", shape, self.const(f"samples{len(self.initializers)}", np.array(0)), axis=0), count)
         else:
-            count = self.op("Max", self.reduce("ReduceSum", weight, [0, 3], 1), self.const(f"one{len(self.initializers)}", np.float32(1)))
-            shift = self.op("Div", self.reduce("ReduceSum", self.op("Mul", planes, weight), [0, 3], 1), count)
+            count = self.reduce("ReduceSum", weight, [3], 1)  # (N, 1, 1, 1)
+            total = self.reduce("ReduceSum", count, [0], 1)
+        shift = self.op("Div", self.reduce("ReduceSum", sums, [0], 1),
+                        self.op("Max", total, self.const(f"one{len(self.initializers)}", np.float32(1))))
         self.output(shift, role)
+        centred_sums = self.op("Sub", sums, self.op("Mul", count, shift))
+        self.output(self.op("Reshape", centred_sums, self.const(f"sums{len(self.initializers)}", np.array([0, 0, -1]))), sums_role)
         centred = self.op("Sub", planes, shift)
-        return self.op("Mul", centred, weight) if weight is not None else centred
+        return centred if weight is None else self.op("Mul", centred, weight)
