@@ -13,9 +13,9 @@ fit's profile: runtime (teacher) and runtime (student), the segment runs of each
 and ORT), statistics (in-graph probes, or NumPy sums on the host), solve (the small ridge systems),
 verify, and the rest. Memory: the process's peak RSS, and on Linux the peak of its anonymous memory
 (RSS less file-backed pages, which is what ``--max-memory`` bounds: the cache past it lives in a
-mapped file the kernel can page out). The fit's system time and the memory it touched for the first time
-(minor page faults) are printed too: on a VM whose balloon driver reports freed memory to the host,
-a first touch costs about ten times what it costs on bare metal, and ``--prefault SIZE`` (e.g. 4G)
+mapped file the kernel can page out). The fit's system time, its minor page faults and how far its
+anonymous memory grew are printed too: on a VM whose balloon driver reports freed memory to the host,
+a first write costs about ten times a rewrite of memory already held, and ``--prefault SIZE`` (e.g. 4G)
 touches and frees that much heap before the fit, inside the fit's retained heap (heap.py), so that the
 fit's first writes land on memory the host already backs (BENCHMARKS.md, "Fresh memory on this VM")."""
 
@@ -93,10 +93,12 @@ class AnonymousPeak:
 
     def __init__(self):
         self.peak: int | None = None
+        self.start: int | None = None  # RssAnon when the sampling started
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self):
+        self.start = self._read()
         self._thread.start()
         return self
 
@@ -104,14 +106,20 @@ class AnonymousPeak:
         self._stop.set()
         self._thread.join()
 
+    @staticmethod
+    def _read() -> int | None:
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) * 1024
+        except (OSError, StopIteration):
+            return None
+
     def _sample(self) -> None:
         while not self._stop.wait(0.02):
-            try:
-                with open("/proc/self/status") as status:
-                    kb = next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
-            except (OSError, StopIteration):
+            now = self._read()
+            if now is None:
                 return
-            self.peak = max(self.peak or 0, kb * 1024)
+            self.peak = max(self.peak or 0, now)
 
 
 class SessionCount:
@@ -230,9 +238,15 @@ def main() -> None:
              f"(budget {result.report.memory['limit_bytes'] / 2**30:.2f} GB)" if getattr(result.report, "memory", None)
              else ""))
     print(f"forward floor measured before the fit {before:.3g} s, after it {after:.3g} s")
+    # A minor fault maps a 4 KiB page, or a 2 MiB one where NumPy asked for transparent huge pages: the
+    # count times 4 KiB is a lower bound of the memory written afresh; the anonymous memory's growth
+    # (peak less start) is what the fit held beyond what the process already had.
+    grown = (f"; anonymous memory grew by {(anonymous.peak - anonymous.start) / 2**30:.2f} GiB during it"
+             if anonymous.peak and anonymous.start else "")
     print(f"fit: system time {fit_usage.ru_stime - usage.ru_stime:.1f} s, user {fit_usage.ru_utime - usage.ru_utime:.1f} s; "
-          f"memory touched for the first time (minor page faults) {(fit_usage.ru_minflt - usage.ru_minflt) * resource.getpagesize() / 2**30:.2f} GiB"
-          + (f"; {args.prefault} prefaulted before it (included in the peaks above)" if args.prefault else ""))
+          f"minor page faults {fit_usage.ru_minflt - usage.ru_minflt} "
+          f"({(fit_usage.ru_minflt - usage.ru_minflt) * resource.getpagesize() / 2**30:.2f} GiB as 4 KiB pages, a lower bound)"
+          + grown + (f"; {args.prefault} prefaulted before it (included in the peaks above)" if args.prefault else ""))
     print(f"sessions created by the fit: {sessions.count}, {sessions.seconds:.1f} s set-up in all"
           + (f" (CUDA options of the fit's sessions: {runtime.session_providers(providers, True)[0][1]})"
              if result.report.provider == "cuda" else ""))

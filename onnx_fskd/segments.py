@@ -87,7 +87,8 @@ class SegmentRunner:
 
     def compute(self, wanted: list[str], prefetch: list[str] = (), later: list[str] = ()) -> dict[str, np.ndarray]:
         """The wanted tensors over all samples, running only what has not run yet. ``prefetch`` tensors
-        come out of the same run and stay cached until released: fewer, longer segments. ``later``: tensors
+        come out of the same run and stay cached until released: fewer, longer segments; they never start a
+        run by themselves (the cache then holds at most the prefetch ahead of what is wanted). ``later``: tensors
         asked for afterwards; those whose producer this run executes anyway come out of it too, pinned like
         ``prefetch`` (else a later request recomputes them from the nearest cached tensor, the samples at
         worst: ResNet-18's teacher with flips ran its first two stages three times, 10 s of an 89 s fit)."""
@@ -100,11 +101,11 @@ class SegmentRunner:
                 self.cache[name] = self.buffers.empty(grid.shape, grid.dtype)
                 self.cache[name][...] = grid
         missing = [name for name in missing if name not in self.cache]
-        if missing:
+        if any(name in missing for name in wanted):
             anyway = self._computed_anyway(missing, later)
             self._run_segment(missing + anyway)
             self.pinned |= set(anyway)
-        self.pinned |= set(prefetch)
+        self.pinned |= set(prefetch) & set(self.cache)
         for name in wanted:
             self._apply_deferred(name)
         result = {name: self.cache[name] for name in wanted}

@@ -259,3 +259,26 @@ def test_each_node_runs_once_per_network(monkeypatch, skip_next):
     report = fit(teacher, perturbed(teacher, 0.3), Samples(random_inputs(teacher, 64))).report
     assert len(report.points) == 7
     assert len(runs) == len(set(runs)) == 2 * len(teacher.graph.node)
+
+
+
+def test_teacher_tensors_already_cached_count_against_the_prefetch_budget():
+    """The prefetch bounds what the teacher holds ahead: a tensor fetched earlier uses up budget like a new
+    one (charging only new ones let each point fetch another budget's worth: 1 GB ahead on the
+    MobileNet-like bench net at 256 MiB)."""
+    from types import SimpleNamespace
+
+    from onnx_fskd.graph import GraphIndex
+    from onnx_fskd.pairing import PointPair
+    from onnx_fskd.pipeline import _Choice, _teacher_prefetch
+    from onnx_fskd.points import find_points
+
+    graph = GraphIndex(resnet_net())
+    points = find_points(graph).points
+    pairs, choices = [PointPair(p, p, "identity") for p in points], [_Choice(None, 1)] * len(points)
+    sizes = [4 * 10 * int(np.prod(graph.shapes[p.output][1:])) for p in points]  # 10 samples, float32
+    budget = sum(sizes[:3])
+    nothing_cached = _teacher_prefetch(pairs, choices, SimpleNamespace(cache={}), graph, 10, False, budget)
+    assert nothing_cached == [p.output for p in points[:3]]
+    two_cached = SimpleNamespace(cache={p.output: None for p in points[:2]})
+    assert _teacher_prefetch(pairs, choices, two_cached, graph, 10, False, budget) == [points[2].output]

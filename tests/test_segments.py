@@ -145,3 +145,22 @@ def test_later_tensors_come_out_of_the_segment_that_computes_them(monkeypatch):
             np.testing.assert_allclose(runner.compute([inner_sampled])[inner_sampled],
                                        expected["b1.c2.bn"][:, :, ::2, ::2], rtol=1e-5, atol=1e-5)
             assert not runs
+
+
+def test_a_prefetch_never_starts_a_segment_by_itself(monkeypatch):
+    """Prefetched tensors ride along with a run that a wanted tensor needs; when every wanted tensor is
+    cached, nothing runs and nothing more is fetched."""
+    model = resnet_net()
+    graph = GraphIndex(model)
+    outputs = [p.output for p in find_points(graph).points if p.op_type == "Conv"]
+    runner = SegmentRunner(model, graph, CPU, 4, None)
+    runner.start(random_inputs(model, 6))
+    runs = []
+    original = SegmentRunner._run_segment
+    monkeypatch.setattr(SegmentRunner, "_run_segment", lambda self, missing: (runs.append(missing), original(self, missing)))
+    runner.compute(outputs[:1], prefetch=outputs[1:2])
+    assert len(runs) == 1 and outputs[1] in runner.cache
+    runner.compute(outputs[1:2], prefetch=outputs[2:3])
+    assert len(runs) == 1 and outputs[2] not in runner.cache
+    runner.compute(outputs[2:3])
+    assert len(runs) == 2
