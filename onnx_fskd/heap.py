@@ -47,6 +47,11 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def retaining() -> bool:
+    """Whether freed memory stays in the process now (a ``retained_heap`` is active on glibc)."""
+    return _depth > 0 and _libc is not None
+
+
 @contextmanager
 def retained_heap() -> Iterator[None]:
     """Serve large allocations from glibc's heap and keep freed memory there until the outermost

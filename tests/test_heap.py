@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -76,3 +77,27 @@ def test_a_freed_block_over_2_gib_stays_inside_too():
         del block
         assert _heap_bytes() >= size
     assert _heap_bytes() < size
+
+
+def test_buffer_pools_leave_freed_ram_to_the_retained_heap_and_keep_mapped_buffers():
+    """Inside retained_heap a pool keeps no free RAM buffer (glibc keeps the memory for any allocation,
+    ORT's arenas included) but still recycles mapped ones; outside, it keeps both."""
+    from onnx_fskd.buffers import BufferPool
+    from onnx_fskd.memory import ActivationMemory
+
+    mb = 1 << 20
+    for inside in (True, False):
+        cache = ActivationMemory(limit=8 * mb)
+        pool = BufferPool(memory=cache)
+        with retained_heap() if inside else contextlib.nullcontext():
+            assert heap.retaining() == inside
+            in_ram, mapped = pool.empty((8 * mb,), np.uint8), pool.empty((8 * mb,), np.uint8)
+            assert not isinstance(in_ram, np.memmap) and isinstance(mapped, np.memmap)
+            pool.retire(in_ram)
+            pool.retire(mapped)
+            del in_ram, mapped
+            pool._collect()  # what the next retire or empty does first
+            pool._trim()
+            kept = sorted(type(buffer).__name__ for buffer in pool._free)
+            assert kept == (["memmap"] if inside else ["memmap", "ndarray"]), kept
+            assert cache.in_ram == (0 if inside else 8 * mb)
