@@ -61,6 +61,10 @@ class GraphIndex:
             return None
         return int(np.prod(shape[1:], dtype=np.int64))
 
+    def largest_per_sample(self) -> int:
+        """Elements per sample of the model's largest node output that shape inference sizes (0: none)."""
+        return max((self.per_sample(name) or 0 for node in self.nodes for name in node.output if name), default=0)
+
     def known_per_sample(self, tensors: list[str]) -> int:
         """Elements per sample of the tensors together, counting those shape inference does not size as 0."""
         return sum(self.per_sample(name) or 0 for name in tensors)

@@ -33,7 +33,7 @@ from .report import HELD_OUT, IN_SAMPLE, FitReport, OutputMetrics
 from .reselect import Reselection, reselect_channels, updated_map
 from .sampling import POSITIONS, position_stride, sample_positions
 from .solver_policy import SOLVERS, choose_solver
-from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device
+from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device, whole_model_rows
 from .segments import SegmentRunner, sampled_name
 from .solve import Adapter
 from .stats import as_rows
@@ -131,7 +131,7 @@ def _fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, c
     merged = _merged(plan, [(p, f.update) for p, f in fitted.fits])
     judged = _merged(plan, [(p, f.judged) for p, f in fitted.fits]) if len(held_index) else None
     clock.lap("merge")
-    _verify(plan.student, given_student, merged, judged, fitted, samples, rows, config, providers, report)
+    _verify(plan.student, plan.s_graph, given_student, merged, judged, fitted, samples, rows, config, providers, report)
     clock.lap("verify")
     if config.polish_steps:
         verify_rows = rows.held if judged is not None else rows.fit
@@ -412,14 +412,16 @@ def _row_mask(point: CorrectionPoint, graph: GraphIndex, samples: Samples) -> np
     return mask.astype(np.int64, copy=False) if seq in (None, mask.shape[1]) else None
 
 
-def _verify(student: onnx.ModelProto, given_student: onnx.ModelProto, merged: onnx.ModelProto,
+def _verify(student: onnx.ModelProto, graph: GraphIndex, given_student: onnx.ModelProto, merged: onnx.ModelProto,
             judged: onnx.ModelProto | None, fitted: _Fitted, samples: Samples, rows: Rows, config: FitConfig,
             providers: list[str], report: FitReport) -> None:
     """Check the written model (checker, exactness against explicit Q nodes of ``student``, the student the
     point loop fitted; consistency with the fit's own activations) and measure outputs against the teacher
     on the held-out samples: ``given_student`` (as given, before any channel re-selection) and ``judged``
     (the guard's candidates, fitted without them), and the written model, whose kept corrections were
-    refitted on those samples too (in-sample, labelled so). Without held-out samples, all on the fit samples."""
+    refitted on those samples too (in-sample, labelled so). Without held-out samples, all on the fit samples.
+    The whole-model runs take as many rows at a time as keep their arena within the segments' bound
+    (``graph``: the student's, whose shapes all these models share)."""
     check_model(merged)
     fixed_batch = input_specs(student)[0].batch_dim
     out_name = student.graph.output[0].name
@@ -429,18 +431,25 @@ def _verify(student: onnx.ModelProto, given_student: onnx.ModelProto, merged: on
     check_rows = slice(verify_rows.start, min(verify_rows.stop, verify_rows.start + config.verify_samples))
     check_feeds = {k: v[check_rows] for k, v in samples.arrays.items()}
     checked = run_batched(check_session, check_feeds, outputs, config.batch_size, fixed_batch)
+    report.verified_on = verified_on(check_session)
+    # Each whole-model session is dropped as soon as it has run: their arenas are the fit's largest
+    # allocations (the MobileNet-like bench net's peak memory was three of them held at once here).
+    del check_session
     report.exactness = exactness(checked, _explicit_reference(student, fitted.fits), check_feeds,
                                  config.batch_size, fixed_batch)
-    report.exactness_tolerance, report.verified_on = EXACTNESS_TOLERANCE, verified_on(check_session)
+    report.exactness_tolerance = EXACTNESS_TOLERANCE
     if report.exactness > EXACTNESS_TOLERANCE:
         raise FskdError(f"internal: merged model differs from the explicit-Q model by {report.exactness:.2e} "
                         f"(> {EXACTNESS_TOLERANCE}, checked on {report.verified_on}); nothing written")
     feeds = {k: v[verify_rows] for k, v in samples.arrays.items()}
-    run = lambda session: run_batched(session, feeds, [out_name], config.batch_size, fixed_batch)[out_name]  # noqa: E731
+    largest = 4 * graph.largest_per_sample()
+    run = lambda session: run_batched(session, feeds, [out_name],  # noqa: E731
+                                      whole_model_rows(session, largest, config.batch_size), fixed_batch)[out_name]
     reference = fitted.teacher_outputs[verify_rows]
     student_session = make_session(given_student, providers, exact=True)
     report.provider = session_device(student_session)
     before = run(student_session)
+    del student_session
     if config.mode == "sequential":
         # The fit's own output of the corrected student is the written model's output (same weights): where
         # the two agree on the checked samples, it stands for the written model's run on the verify rows.
@@ -449,7 +458,7 @@ def _verify(student: onnx.ModelProto, given_student: onnx.ModelProto, merged: on
     if consistent:
         after = fitted.predicted_outputs[verify_rows]
     else:  # the written model runs where the fit did
-        after = run(check_session if report.provider == "cpu" else make_session(merged, providers, exact=True))
+        after = run(make_session(merged, providers, exact=True))
     metric, mask = choose_metric(student, out_name), padding_mask(feeds, before)
     measure = lambda y: OutputMetrics.of(compare(y, reference, metric, mask), metric)  # noqa: E731
     report.written_in_sample, report.before = measure(after), measure(before)

@@ -152,6 +152,16 @@ def rows_within_arena(session: ort.InferenceSession, per_sample_bytes: int, batc
     return max(1, min(batch_size, ARENA_BATCH_BYTES // per_sample_bytes))
 
 
+# A whole model's arena holds a few of its largest activations at once (the memory pattern reuses the rest):
+# the MobileNet-like bench net's student, 51 rows, took 1.25 GB, 5× its largest activation per sample.
+WHOLE_MODEL_ARENA_FACTOR = 5
+
+
+def whole_model_rows(session: ort.InferenceSession, largest_per_sample_bytes: int, batch_size: int) -> int:
+    """Rows per run of a whole model, its arena estimated from its largest activation (rows_within_arena)."""
+    return rows_within_arena(session, WHOLE_MODEL_ARENA_FACTOR * largest_per_sample_bytes, batch_size)
+
+
 def batches(count: int, batch_size: int) -> Iterator[slice]:
     for start in range(0, count, batch_size):
         yield slice(start, min(start + batch_size, count))

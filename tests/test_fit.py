@@ -282,3 +282,32 @@ def test_teacher_tensors_already_cached_count_against_the_prefetch_budget():
     assert nothing_cached == [p.output for p in points[:3]]
     two_cached = SimpleNamespace(cache={p.output: None for p in points[:2]})
     assert _teacher_prefetch(pairs, choices, two_cached, graph, 10, False, budget) == [points[2].output]
+
+
+def test_verification_runs_whole_models_within_the_arena_bound(monkeypatch):
+    """The held-out runs of whole models take as many rows at a time as keep their arena, estimated from
+    the largest activation, within ARENA_BATCH_BYTES (three whole-model arenas of 51 rows were the
+    MobileNet-like bench fit's peak memory); the figures do not depend on it."""
+    import onnx_fskd.pipeline as pipeline
+    import onnx_fskd.runtime as runtime
+    from onnx_fskd.graph import GraphIndex
+
+    teacher = mobile_net()
+    student = perturbed(teacher, 0.3)
+    samples = random_inputs(teacher, 64)
+    config = FitConfig(solver="q", augment="none")
+    default = fit(teacher, student, Samples(samples), config).report
+    per_row = runtime.WHOLE_MODEL_ARENA_FACTOR * 4 * GraphIndex(student).largest_per_sample()
+    monkeypatch.setattr(runtime, "ARENA_BATCH_BYTES", 3 * per_row)
+    sizes: list[int] = []
+    original = pipeline.run_batched
+
+    def recording(session, feeds, outputs, batch_size, *rest, **options):
+        sizes.append(batch_size)
+        return original(session, feeds, outputs, batch_size, *rest, **options)
+
+    monkeypatch.setattr(pipeline, "run_batched", recording)
+    bounded = fit(teacher, student, Samples(samples), config).report
+    assert 3 in sizes
+    assert bounded.before.relative_error == pytest.approx(default.before.relative_error, rel=1e-5)
+    assert bounded.after.relative_error == pytest.approx(default.after.relative_error, rel=1e-3)
