@@ -167,18 +167,20 @@ class WeightUpdate:
 
 
 def adapter_update(point: CorrectionPoint, graph: GraphIndex, adapter: Adapter) -> WeightUpdate:
-    """The weights that make op+chain compute Q·y + d."""
+    """The weights that make op+chain compute Q·y + d, block by block of Q (a depthwise conv's diagonal Q
+    scales its rows: no C×C matrix is formed)."""
     node = graph.node_by_name[point.name]
+    count, size, _ = adapter.blocks.shape
     scale = chain_scale(point)
     safe = np.where(_live(scale), scale, 1.0)
-    mixing = (adapter.q * scale[None, :]) / safe[:, None]
+    mixing = adapter.blocks * scale.reshape(count, 1, size) / safe.reshape(count, size, 1)
     major = point.op.to_output_major(node, graph.constant(point.weight).astype(np.float64))
-    merged = np.tensordot(mixing, major, axes=(1, 0))
+    merged = np.matmul(mixing, major.reshape(count, size, -1)).reshape(major.shape)
     slot = bias_slot(point, graph)
     if slot is None:
         return WeightUpdate(merged, None)
     offset = slot.scale_after * slot.shift + slot.shift_after
-    new_offset = adapter.q @ offset + adapter.d
+    new_offset = np.matmul(adapter.blocks, offset.reshape(count, size, 1)).reshape(-1) + adapter.d
     live = _live(slot.scale_after)
     shift = np.where(live, (new_offset - slot.shift_after) / np.where(live, slot.scale_after, 1.0), slot.shift)
     return WeightUpdate(merged, shift)

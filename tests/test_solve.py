@@ -95,3 +95,29 @@ def test_large_systems_are_solved_on_half_the_cores(monkeypatch, cores, unknowns
     lhs, rhs = (a.T @ a + np.eye(unknowns))[None], rng.normal(size=(1, unknowns, 2))
     np.testing.assert_allclose(lhs[0] @ solve._solve_spd(lhs, rhs)[0], rhs[0], atol=1e-8)
     assert asked == [threads]
+
+
+@pytest.mark.parametrize("name", ["stem", "dw1", "gc1"])
+def test_weight_update_by_blocks_is_the_dense_product(name):
+    """adapter_update multiplies block by block of Q (a depthwise conv's rows scaled, a grouped conv's
+    blocks): the same weights and shift as the dense Q·W, Q·offset + d."""
+    from builders import mobile_net
+    from onnx_fskd.fuse import adapter_update, bias_slot, chain_scale
+    from onnx_fskd.graph import GraphIndex
+    from onnx_fskd.points import find_points
+
+    graph = GraphIndex(mobile_net())
+    point = next(p for p in find_points(graph).points if p.name == name)
+    rng = np.random.default_rng(0)
+    count = point.channels // point.group_size
+    adapter = Adapter(rng.normal(size=(count, point.group_size, point.group_size)), rng.normal(size=point.channels))
+    update = adapter_update(point, graph, adapter)
+    node = graph.node_by_name[point.name]
+    scale = chain_scale(point)
+    major = point.op.to_output_major(node, graph.constant(point.weight).astype(np.float64))
+    dense = np.tensordot(adapter.q * scale[None, :] / scale[:, None], major, axes=(1, 0))
+    np.testing.assert_allclose(update.weight, dense, rtol=1e-12, atol=1e-12)
+    slot = bias_slot(point, graph)
+    offset = slot.scale_after * slot.shift + slot.shift_after
+    want = (adapter.q @ offset + adapter.d - slot.shift_after) / slot.scale_after
+    np.testing.assert_allclose(update.shift, want, rtol=1e-10, atol=1e-12)
