@@ -65,7 +65,14 @@ class GramStats:
         self.rows += y.shape[1]
 
     def squared_error(self, p: np.ndarray) -> float:
-        """Σ‖t − [y 1]·P‖² over the accumulated rows, from the sums alone; P is (B, k+1, m)."""
+        """Σ‖t − [y 1]·P‖² over the accumulated rows, from the sums alone; P is (B, k+1, m). For P = [I; 0]
+        (the student as it is, which the guard judges every ``q`` point against) from traces, without the
+        (k+1)²·m product: a 1280-channel point's costs as much as its solve's factorisation. The full
+        solver's P is one (F+1, C) matrix."""
+        if p.ndim == 3 and p.shape[1] == p.shape[2] + 1 and not p[:, -1].any() \
+                and np.array_equal(p[:, :-1], np.broadcast_to(np.eye(p.shape[2]), p[:, :-1].shape)):
+            m = p.shape[2]
+            return float(self.tt - 2.0 * np.einsum("bii->", self.zt[:, :m]) + np.einsum("bii->", self.zz[:, :m, :m]))
         return float(self.tt - 2.0 * np.sum(p * self.zt) + np.sum(p * (self.zz @ p)))
 
     def relative_error(self, p: np.ndarray) -> float:

@@ -121,3 +121,20 @@ def test_weight_update_by_blocks_is_the_dense_product(name):
     offset = slot.scale_after * slot.shift + slot.shift_after
     want = (adapter.q @ offset + adapter.d - slot.shift_after) / slot.scale_after
     np.testing.assert_allclose(update.shift, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("blocks", [1, 4, 12])
+def test_the_error_of_the_unchanged_student_is_the_general_formula(blocks):
+    """squared_error of P = [I; 0] (taken from traces) equals Σ‖t − y‖² and the general product formula."""
+    rng = np.random.default_rng(blocks)
+    y = rng.normal(size=(300, 12))
+    t = y + 0.1 * rng.normal(size=(300, 12)) + 0.5
+    stats = GramStats.empty(12, blocks=blocks)
+    stats.add(y, t)
+    identity = Adapter.identity(12, 12 // blocks).params
+    general = float(stats.tt - 2.0 * np.sum(identity * stats.zt) + np.sum(identity * (stats.zz @ identity)))
+    assert stats.squared_error(identity) == pytest.approx(general, rel=1e-10)
+    assert stats.squared_error(identity) == pytest.approx(float(np.sum((t - y) ** 2)), rel=1e-10)
+    nudged = identity.copy()
+    nudged[:, -1] += 1e-3  # not the identity: the general formula
+    assert stats.squared_error(nudged) == pytest.approx(float(np.sum((t - y - 1e-3) ** 2)), rel=1e-9)
