@@ -153,7 +153,8 @@ def rows_within_arena(session: ort.InferenceSession, per_sample_bytes: int, batc
 
 
 # A whole model's arena holds a few of its largest activations at once (the memory pattern reuses the rest):
-# the MobileNet-like bench net's student, 51 rows, took 1.25 GB, 5× its largest activation per sample.
+# the MobileNet-like bench net's student at 51 rows took about 1.25 GB (heap in use at the verification peak,
+# less what the fit held besides), 5× its largest activation per sample.
 WHOLE_MODEL_ARENA_FACTOR = 5
 
 
