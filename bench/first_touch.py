@@ -3,10 +3,10 @@
     python bench/first_touch.py [--size-gib 2] [--delays 0,1,3,6,12,25]
 
 Each step maps SIZE of fresh anonymous memory (a NumPy array above glibc's mmap threshold), writes
-every page once and unmaps it, then sleeps DELAY seconds before the next step. On bare metal a first
-write costs the kernel's page zeroing, about 0.1–0.3 s/GiB. On a VM whose balloon driver reports freed
-pages to the host (virtio_balloon free page reporting), memory freed more than a moment ago is handed
-back to the host and must be backed again, and the cost grows with the delay. The fit frees and
+every page once and unmaps it, then sleeps DELAY seconds before the next step. Memory freed a moment
+ago costs about the kernel's page zeroing (0.17–0.29 s/GiB on the development VM). On a VM whose balloon
+driver reports freed pages to the host (virtio_balloon free page reporting), memory freed longer ago has
+been handed back to the host and must be backed again, and the cost grows with the delay. The fit frees and
 reallocates gigabytes in short-lived sessions and batches, so this is part of its time here
 (BENCHMARKS.md, "Fresh memory on this VM")."""
 

@@ -261,7 +261,6 @@ def test_each_node_runs_once_per_network(monkeypatch, skip_next):
     assert len(runs) == len(set(runs)) == 2 * len(teacher.graph.node)
 
 
-
 def test_teacher_tensors_already_cached_count_against_the_prefetch_budget():
     """The prefetch bounds what the teacher holds ahead: a tensor fetched earlier uses up budget like a new
     one (charging only new ones let each point fetch another budget's worth: 1 GB ahead on the
