@@ -22,7 +22,7 @@ from .points import CorrectionPoint
 from .report import PointReport
 from .solve import Adapter, solve_adapter, solve_weights
 from .sampling import sample_positions
-from .stats import GramStats, as_planes, as_rows
+from .stats import GramStats, MappedGramStats, as_planes, as_rows
 
 # A correction must cut the held-out error by this fraction to be kept; float noise alone never passes.
 MIN_GAIN = 1e-3
@@ -71,7 +71,10 @@ def _accumulate(stats_pair: tuple[GramStats, GramStats], rows: Rows, chunk: int,
             stats.add(features, target)
 
 
-def _guard(fit_stats: GramStats, held_stats: GramStats, current: np.ndarray, candidate: np.ndarray) -> tuple[float, float, bool]:
+Stats = GramStats | MappedGramStats
+
+
+def _guard(fit_stats: Stats, held_stats: Stats, current: np.ndarray, candidate: np.ndarray) -> tuple[float, float, bool]:
     judge = held_stats if held_stats.rows else fit_stats
     before, after = judge.relative_error(current), judge.relative_error(candidate)
     return before, after, before > NOISE_FLOOR and after < before * (1.0 - MIN_GAIN)
@@ -102,7 +105,7 @@ def fit_adapter(pair: PointPair, graph: GraphIndex, y: np.ndarray, target: np.nd
     return point_fit
 
 
-def adapter_from_stats(pair: PointPair, graph: GraphIndex, stats: tuple[GramStats, GramStats],
+def adapter_from_stats(pair: PointPair, graph: GraphIndex, stats: tuple[Stats, Stats],
                        settings: FitSettings, target_kind: str, how: str) -> PointFit:
     """Solve Q, d from the fit rows' sums, keep it if the held-out sums say it helps, then refit on all.
     No ``correct``: the caller folds the update into the weights the next segment runs."""

@@ -37,7 +37,7 @@ from .runtime import make_session, one_batch_shape, pad_batch, rows_within_arena
 from .sampling import grid_slice, strided_copies, strided_tail
 from .solve import one_blas_thread
 from .solver_policy import patch_features
-from .stats import GramStats
+from .stats import GramStats, MappedGramStats
 
 _X, _T, _T_SKIP, _S_SKIP, _MASK = "fskd/x", "fskd/t", "fskd/t_skip", "fskd/s_skip", "fskd/mask"
 # Positions per sample from which per-sample Gram products beat one relayout into a long row axis.
@@ -156,7 +156,8 @@ class StatsProbe:
             output for node in (prefix.graph.node if prefix is not None else []) for output in node.output if output])
         self.max_rows = rows_within_arena(self.session, 4 * per_sample, sys.maxsize)
 
-    def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int) -> list[GramStats]:
+    def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int
+                   ) -> list[GramStats | MappedGramStats]:
         """One GramStats per part of the samples (fit rows, held-out rows), batches never straddling parts."""
         results = []
         batch_size = min(batch_size, self.max_rows)
@@ -271,19 +272,16 @@ class _Sums:
         return s @ np.swapaxes(stack(sums_b), -1, -2) + stack(sums_a) @ np.swapaxes(u, -1, -2) \
             + (s * n) @ np.swapaxes(u, -1, -2)
 
-    def gram_stats(self, point: CorrectionPoint, via_input: tuple[np.ndarray, np.ndarray] | None) -> GramStats:
-        """[Y 1]ᵀ[Y 1], [Y 1]ᵀT and ΣT² with T = D + Y; with ``via_input`` = (A, b), y = A·x + b."""
+    def gram_stats(self, point: CorrectionPoint, via_input: tuple[np.ndarray, np.ndarray] | None
+                   ) -> GramStats | MappedGramStats:
+        """[Y 1]ᵀ[Y 1], [Y 1]ᵀT and ΣT² with T = D + Y; with ``via_input`` = (A, b), y = A·x + b, the
+        sums stay in x's coordinates (MappedGramStats)."""
         if not self.n:
             return GramStats.empty(point.channels, blocks=point.groups)
         n = self.n
-        if via_input is None:
-            yy, yd, sum_y = self.xx, self.xd, self.x
-        else:
-            a, b = via_input
-            ax = a @ self.x[0]
-            yy = (a @ self.xx[0] @ a.T + np.outer(ax, b) + np.outer(b, ax) + n * np.outer(b, b))[None]
-            yd = (a @ self.xd[0] + np.outer(b, self.d[0]))[None]
-            sum_y = (ax + n * b)[None]
+        if via_input is not None:
+            return MappedGramStats(*via_input, self.xx[0], self.xd[0], self.x[0], self.d[0], self.dd, n)
+        yy, yd, sum_y = self.xx, self.xd, self.x
         blocks, k = sum_y.shape
         zz = np.zeros((blocks, k + 1, k + 1))
         zz[:, :k, :k] = yy
@@ -294,7 +292,6 @@ class _Sums:
         zt[:, k] = self.d + sum_y
         tt = self.dd + 2.0 * float(np.einsum("bii->", yd)) + float(np.einsum("bii->", yy))
         return GramStats(zz, zt, tt, int(round(n)))
-
 
     def patch_stats(self, a: np.ndarray, b: np.ndarray, grid: tuple[int, int] | None = None) -> GramStats:
         """[X 1]ᵀ[X 1], [X 1]ᵀT and ΣT² with T = D + Y and y = A·x + b; ``grid`` = (offsets, channels) when

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.linalg
 from threadpoolctl import ThreadpoolController
 
-from .stats import GramStats
+from .stats import GramStats, MappedGramStats
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,12 +59,14 @@ class Adapter:
         return result
 
 
-def solve_adapter(stats: GramStats, ridge: float, fit_bias: bool = True) -> Adapter:
+def solve_adapter(stats: GramStats | MappedGramStats, ridge: float, fit_bias: bool = True) -> Adapter:
     """Minimise ‖T − Y·Qᵀ − d‖² + λ‖Q − I‖² per diagonal block of Q.
 
     λ = ridge · trace(YᵀY)/g of each block, so the strength does not depend on activation scale or row
     count. Shrinking towards I (not 0) means scarce data leaves the student as it was, and λ > 0 keeps
     the system positive definite even with fewer rows than channels."""
+    if isinstance(stats, MappedGramStats):
+        return _solve_mapped(stats, ridge, fit_bias)
     count, k1, size = stats.zt.shape
     keep = k1 if fit_bias else size
     gram, cross = stats.zz[:, :keep, :keep], stats.zt[:, :keep]
@@ -78,6 +80,36 @@ def solve_adapter(stats: GramStats, ridge: float, fit_bias: bool = True) -> Adap
     solution = _solve_spd(gram + penalty, cross + prior)  # (B, keep, g): [Qᵀ; dᵀ]
     d = solution[:, size].reshape(-1) if fit_bias else np.zeros(count * size)
     return Adapter(np.ascontiguousarray(solution[:, :size].transpose(0, 2, 1)), d)
+
+
+def _solve_mapped(stats: MappedGramStats, ridge: float, fit_bias: bool) -> Adapter:
+    """solve_adapter's minimiser where y = A·x + b with x narrower than y (r < C), in x's coordinates.
+
+    With the bias fitted, d = mean(t) − Q·mean(y) and Q solves the centred normal equations
+    (Q − I)(A·Cxx·Aᵀ + λI) = Cdx·Aᵀ (Cxx, Cdx: centred sums of x·xᵀ and d·xᵀ, d = t − y). Since
+    (A·Cxx·Aᵀ + λI)⁻¹·A = A·(Cxx·AᵀA + λI)⁻¹, Q = I + Cdx·(λI + Cxx·AᵀA)⁻¹·Aᵀ: one r×r system with C
+    right-hand sides instead of a (C+1)² one, and Q − I stays proportional to the residual. Without
+    a bias the same holds for the uncentred sums of [x 1], with [A b] as the map."""
+    a, b, n = stats.a, stats.b, stats.n
+    ax = a @ stats.x
+    diagonal = np.einsum("ij,ij->i", a @ stats.xx, a) + 2.0 * b * ax + n * b * b  # of Σy·yᵀ, as solve_adapter's λ
+    lam = ridge * diagonal.mean() + 1e-12 * (diagonal.max() + 1.0)
+    if fit_bias:
+        mean_x, mean_d = stats.x / n, stats.d / n
+        covariance = stats.xx - n * np.outer(mean_x, mean_x)
+        cross = stats.xd.T - n * np.outer(mean_d, mean_x)  # (C, r)
+        mapping = a
+    else:
+        covariance = np.block([[stats.xx, stats.x[:, None]], [stats.x[None, :], np.array([[n]])]])
+        cross = np.hstack([stats.xd.T, stats.d[:, None]])
+        mapping = np.hstack([a, b[:, None]])
+    with one_blas_thread():
+        system = lam * np.eye(len(covariance)) + covariance @ (mapping.T @ mapping)
+        gain = np.linalg.solve(system, cross.T).T  # (C, r): Q = I + gain·mappingᵀ
+        q = gain @ mapping.T
+    q[np.arange(len(b)), np.arange(len(b))] += 1.0
+    d = mean_d - gain @ (a.T @ (ax / n + b)) if fit_bias else np.zeros(len(b))
+    return Adapter(q[None], d)
 
 
 def solve_weights(stats: GramStats, prior: np.ndarray, ridge: float, fit_bias: bool) -> np.ndarray:

@@ -23,7 +23,7 @@ from onnx_fskd.probes import ProbeFeeds, StatsProbe, probe_blocker
 from onnx_fskd.runtime import make_session, run_batched
 from onnx_fskd.sampling import position_stride
 from onnx_fskd.segments import SegmentRunner
-from onnx_fskd.stats import GramStats, as_planes
+from onnx_fskd.stats import GramStats, MappedGramStats, as_planes
 from test_fit import outputs, perturbed
 from transformer_builders import bert_block, nhwc_block
 
@@ -57,7 +57,8 @@ def reference(y: np.ndarray, t: np.ndarray, axis: int, channels: int, groups: in
     return stats
 
 
-def assert_close(got: GramStats, want: GramStats, rtol: float) -> None:
+def assert_close(got: GramStats | MappedGramStats, want: GramStats, rtol: float) -> None:
+    got = got.dense() if isinstance(got, MappedGramStats) else got
     assert got.rows == want.rows
     for a, b in ((got.zz, want.zz), (got.zt, want.zt)):
         assert np.abs(a - b).max() <= rtol * np.abs(b).max()

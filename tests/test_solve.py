@@ -7,7 +7,7 @@ import pytest
 
 from onnx_fskd.buffers import BufferPool
 from onnx_fskd.solve import Adapter, solve_adapter
-from onnx_fskd.stats import GramStats, as_planes, as_rows
+from onnx_fskd.stats import GramStats, MappedGramStats, as_planes, as_rows
 
 
 @pytest.mark.parametrize("shape,axis,group", [((3, 8, 5, 4), 1, 8), ((3, 8, 5, 4), 1, 2), ((3, 8, 5, 4), 1, 1),
@@ -138,3 +138,32 @@ def test_the_error_of_the_unchanged_student_is_the_general_formula(blocks):
     nudged = identity.copy()
     nudged[:, -1] += 1e-3  # not the identity: the general formula
     assert stats.squared_error(nudged) == pytest.approx(float(np.sum((t - y - 1e-3) ** 2)), rel=1e-9)
+
+
+@pytest.mark.parametrize("fit_bias", [True, False])
+def test_a_mapped_point_solves_and_scores_as_its_dense_sums(fit_bias):
+    """y = A·x + b with x narrower than y: the solve in x's coordinates gives the dense solve's Q and d, and
+    the guard's errors and ΣT² are the dense sums' — with few rows (Y is rank r, only the ridge decides)
+    and with a target far from the student and far from zero mean."""
+    rng = np.random.default_rng(7 + fit_bias)
+    channels, inputs, rows = 24, 5, 60
+    a, b = rng.normal(size=(channels, inputs)), rng.normal(size=channels)
+    x = rng.normal(size=(rows, inputs)) + 2.0
+    y = x @ a.T + b
+    t = y @ rng.normal(size=(channels, channels)) * 0.3 + y + 0.1 * rng.normal(size=(rows, channels)) - 4.0
+    d = t - y
+    dense = GramStats.empty(channels)
+    dense.add(y, t)
+    mapped = MappedGramStats(a, b, x.T @ x, x.T @ d, x.sum(0), d.sum(0), float(np.sum(d * d)), float(rows))
+    for got, want in ((mapped.dense().zz, dense.zz), (mapped.dense().zt, dense.zt)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    assert mapped.tt == pytest.approx(dense.tt, rel=1e-12)
+    for ridge in (1e-3, 1.0):
+        fast, slow = solve_adapter(mapped, ridge, fit_bias), solve_adapter(dense, ridge, fit_bias)
+        np.testing.assert_allclose(fast.q, slow.q, atol=1e-8 * np.abs(slow.q).max())
+        np.testing.assert_allclose(fast.d, slow.d, atol=1e-8 * np.abs(slow.d).max() + 1e-12)
+        for params in (fast.params, Adapter.identity(channels, channels).params):
+            assert mapped.squared_error(params) == pytest.approx(dense.squared_error(params), rel=1e-8)
+            assert mapped.relative_error(params) == pytest.approx(dense.relative_error(params), rel=1e-8)
+    added = mapped + mapped
+    assert added.rows == 2 * rows and added.dense().zz == pytest.approx(2 * dense.zz)
