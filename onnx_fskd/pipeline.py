@@ -35,7 +35,7 @@ from .sampling import POSITIONS, position_stride, sample_positions
 from .solver_policy import SOLVERS, choose_solver
 from .runtime import DEFAULT_BATCH, make_session, resolve_providers, run_batched, session_device, whole_model_rows
 from .segments import SegmentRunner, sampled_name
-from .solve import Adapter
+from .solve import Adapter, one_blas_thread
 from .stats import as_rows
 from .verify import CHECK_PROVIDERS, EXACTNESS_TOLERANCE, check_model, exactness, verified_on, with_explicit_adapters
 
@@ -103,7 +103,9 @@ def fit(teacher: onnx.ModelProto, student: onnx.ModelProto, samples: Samples, co
         map_path: str | None = None, progress: Progress | None = None) -> FitResult:
     """Fit and merge one correction per paired point so the student's outputs follow the teacher's."""
     _check_config(config)
-    with retained_heap():  # the fit's intermediates are all freed before the heap is trimmed
+    # The fit's intermediates are all freed before the heap is trimmed; its host products and small solves
+    # run on one BLAS thread (solve.one_blas_thread says why; large solves take more, solve_threads).
+    with retained_heap(), one_blas_thread():
         return _fit(teacher, student, samples, config, map_path, progress)
 
 
@@ -179,7 +181,7 @@ def reselect_student(teacher: onnx.ModelProto, student: onnx.ModelProto, samples
                      config: FitConfig = FitConfig(), map_path: str | None = None) -> Reselection:
     """Re-selection on its own (``prune --data``): the student with data-chosen channels and its map
     updated in the metadata; no fit. All samples are used (there is no guard to hold any out for)."""
-    with retained_heap():
+    with retained_heap(), one_blas_thread():
         return _reselect_student(teacher, student, samples, config, map_path)
 
 

@@ -35,7 +35,6 @@ from .ops.base import attribute, explicit_pads
 from .points import CorrectionPoint
 from .runtime import make_session, one_batch_shape, pad_batch, rows_within_arena
 from .sampling import grid_slice, strided_copies, strided_tail
-from .solve import one_blas_thread
 from .solver_policy import patch_features
 from .stats import GramStats, MappedGramStats
 
@@ -165,16 +164,15 @@ class StatsProbe:
         results = []
         batch_size = min(batch_size, self.max_rows)
         rows = min(batch_size, max(part.stop - part.start for part in parts))  # of every batch, when padded
-        with one_blas_thread():  # small host products: see solve._solve_spd
-            for part in parts:
-                sums = _Sums(self.shifted)
-                for start in range(part.start, part.stop, batch_size):
-                    window = slice(start, min(start + batch_size, part.stop))
-                    batch = feeds.window(window) if not self.padded else _padded(feeds.window(window), rows)
-                    values = dict(zip(self.outputs, self.session.run(self.outputs, batch)))
-                    sums.add(_assembled(values) if "Gxx/0/0" in values else values)
-                results.append(sums.patch_stats(*self.full, self.grid) if self.full is not None
-                               else sums.gram_stats(self.point, self.via_input))
+        for part in parts:
+            sums = _Sums(self.shifted)
+            for start in range(part.start, part.stop, batch_size):
+                window = slice(start, min(start + batch_size, part.stop))
+                batch = feeds.window(window) if not self.padded else _padded(feeds.window(window), rows)
+                values = dict(zip(self.outputs, self.session.run(self.outputs, batch)))
+                sums.add(_assembled(values) if "Gxx/0/0" in values else values)
+            results.append(sums.patch_stats(*self.full, self.grid) if self.full is not None
+                           else sums.gram_stats(self.point, self.via_input))
         return results
 
 

@@ -32,7 +32,6 @@ from .graph import GraphIndex
 from .ops.base import attribute
 from .pairing import ChannelMapper, MapEntry, PointPair, read_map
 from .points import find_points
-from .solve import one_blas_thread
 
 # A consumer input wider than this (e.g. a large Flatten→Gemm) is not used: its Gram would not fit.
 MAX_FEATURES = 6144
@@ -311,13 +310,10 @@ def _objective(consumer: _Consumer, gram: np.ndarray) -> _Objective:
 
 def _select(consumers: list[_Consumer], grams: dict[str, np.ndarray], channels: int,
             old: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """The greedy choice of as many channels as ``old`` holds, and the consumers' error with each. One
-    BLAS thread: thousands of small updates, which OpenBLAS's threads slow down (mobilenet-like net,
-    2 cores: 2.9-3.2 s with them, 2.35 s without)."""
-    with one_blas_thread():
-        problems = [_objective(c, grams[c.tensor]) for c in consumers]
-        new = _greedy(problems, channels, len(old))
-        return new, _error(problems, old), _error(problems, new)
+    """The greedy choice of as many channels as ``old`` holds, and the consumers' error with each."""
+    problems = [_objective(c, grams[c.tensor]) for c in consumers]
+    new = _greedy(problems, channels, len(old))
+    return new, _error(problems, old), _error(problems, new)
 
 
 def _greedy(problems: list[_Objective], channels: int, count: int) -> np.ndarray:

@@ -103,10 +103,9 @@ def _solve_mapped(stats: MappedGramStats, ridge: float, fit_bias: bool) -> Adapt
         covariance = np.block([[stats.xx, stats.x[:, None]], [stats.x[None, :], np.array([[n]])]])
         cross = np.hstack([stats.xd.T, stats.d[:, None]])
         mapping = np.hstack([a, b[:, None]])
-    with one_blas_thread():
-        system = lam * np.eye(len(covariance)) + covariance @ (mapping.T @ mapping)
-        gain = np.linalg.solve(system, cross.T).T  # (C, r): Q = I + gain·mappingᵀ
-        q = gain @ mapping.T
+    system = lam * np.eye(len(covariance)) + covariance @ (mapping.T @ mapping)
+    gain = np.linalg.solve(system, cross.T).T  # (C, r): Q = I + gain·mappingᵀ
+    q = gain @ mapping.T
     q[np.arange(len(b)), np.arange(len(b))] += 1.0
     d = mean_d - gain @ (a.T @ (ax / n + b)) if fit_bias else np.zeros(len(b))
     return Adapter(q[None], d)
@@ -142,7 +141,12 @@ def _blas() -> ThreadpoolController:
 
 def one_blas_thread():
     """A context in which BLAS runs on one thread: for the fit's many small host products and solves,
-    which the runtime's own threads would otherwise compete with."""
+    which the runtime's own threads would otherwise compete with. OpenBLAS's worker threads also
+    busy-wait after each multi-threaded call (2-core CPU: 0.13 s of CPU within 0.2 s of one 1500² product)
+    and take a core from the runtime's next run: the ResNet-18 fit's segment runs were 30–70 ms slower
+    after each point's host work than later runs of the same session, and not with one thread. The fit
+    and re-selection run inside it (pipeline.py); re-selection's thousands of small greedy updates took
+    2.9–3.2 s with OpenBLAS's threads and 2.35 s without (MobileNet-like net, 2 cores)."""
     return blas_threads(1)
 
 

@@ -310,3 +310,24 @@ def test_verification_runs_whole_models_within_the_arena_bound(monkeypatch):
     assert 3 in sizes
     assert bounded.before.relative_error == pytest.approx(default.before.relative_error, rel=1e-5)
     assert bounded.after.relative_error == pytest.approx(default.after.relative_error, rel=1e-3)
+
+
+def test_the_fit_runs_host_blas_on_one_thread(monkeypatch):
+    """Inside fit every BLAS library runs on one thread (OpenBLAS's idle workers would busy-wait beside the
+    runtime's next run); the caller's setting is back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import onnx_fskd.correct as correct
+
+    blas = lambda: {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}  # noqa: E731
+    seen: list[set[int]] = []
+    solve = correct.solve_adapter
+    monkeypatch.setattr(correct, "solve_adapter", lambda *a, **k: (seen.append(set(blas().values())), solve(*a, **k))[1])
+    teacher = vgg_net()
+    feeds = random_inputs(teacher, 24)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas()
+        assert set(before.values()) == {2}
+        fit(teacher, perturbed(teacher, 0.1), Samples(feeds), FitConfig(solver="q", reselect=False, augment="none"))
+        assert blas() == before
+    assert seen and all(threads == {1} for threads in seen)
