@@ -40,9 +40,9 @@ from .stats import GramStats, MappedGramStats
 
 _X, _T, _T_SKIP, _S_SKIP, _MASK = "fskd/x", "fskd/t", "fskd/t_skip", "fskd/s_skip", "fskd/mask"
 # Positions per sample from which per-sample Gram products beat one relayout into a long row axis.
-# Probe runs of 64 rows, 2-core CPU: 14×14 maps 15–25 % faster per sample (MobileNet-like ir8.expand
+# Probe runs of 64 rows, 2-core CPU, per-sample products: 14×14 maps 15–25 % faster (MobileNet-like ir8.expand
 # 35.3 → 28.1 ms, ResNet-18 s2b1.c2 91.4 → 84.6 ms), 28×28 10–15 %; 7×7 maps slower (the 1280-channel
-# head 32.8 → 46.5 ms, ResNet-18 s3b1.c1 96.7 → 120.0 ms).
+# head 32.8 → 46.5 ms, ResNet-18 s3b1.c1 96.7 → 120.0 ms). Re-selection's feature Grams use the same bound.
 PER_SAMPLE_POSITIONS = 128
 _CHEAP_COPY = 16  # multiply-adds per output element below which the probe's copy of the op is cheap anyway
 # x: the point's output y, its input when y = A·x + b is cheaper to rebuild on the host (input_map), or
