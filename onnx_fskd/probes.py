@@ -277,11 +277,13 @@ class _Sums:
                    ) -> GramStats | MappedGramStats:
         """[Y 1]ᵀ[Y 1], [Y 1]ᵀT and ΣT² with T = D + Y; with ``via_input`` = (A, b), y = A·x + b, the
         sums stay in x's coordinates (MappedGramStats)."""
+        if via_input is not None:
+            if not self.n:
+                return MappedGramStats.empty(*via_input)
+            return MappedGramStats(*via_input, self.xx[0], self.xd[0], self.x[0], self.d[0], self.dd, self.n)
         if not self.n:
             return GramStats.empty(point.channels, blocks=point.groups)
         n = self.n
-        if via_input is not None:
-            return MappedGramStats(*via_input, self.xx[0], self.xd[0], self.x[0], self.d[0], self.dd, n)
         yy, yd, sum_y = self.xx, self.xd, self.x
         blocks, k = sum_y.shape
         zz = np.zeros((blocks, k + 1, k + 1))

@@ -98,6 +98,12 @@ class MappedGramStats:
     dd: float        # Σ‖d‖²
     n: float         # rows (their summed weights where rows were masked)
 
+    @classmethod
+    def empty(cls, a: np.ndarray, b: np.ndarray) -> "MappedGramStats":
+        """No rows yet (an empty held-out part): adds to any sums of the same map as zero."""
+        r, c = a.shape[1], a.shape[0]
+        return cls(a, b, np.zeros((r, r)), np.zeros((r, c)), np.zeros(r), np.zeros(c), 0.0, 0.0)
+
     @property
     def rows(self) -> int:
         return int(round(self.n))

@@ -331,3 +331,15 @@ def test_the_fit_runs_host_blas_on_one_thread(monkeypatch):
         fit(teacher, perturbed(teacher, 0.1), Samples(feeds), FitConfig(solver="q", reselect=False, augment="none"))
         assert blas() == before
     assert seen and all(threads == {1} for threads in seen)
+
+
+@pytest.mark.parametrize("make", [mobile_net, matmul_mlp])
+def test_expansions_fit_without_held_out_samples(make):
+    """A widening point (1×1 conv with a bias, MatMul without one) is solved in its input's coordinates;
+    with nothing held out its empty held-out sums add to the fit rows' as zero."""
+    teacher = make()
+    result = fit(teacher, perturbed(teacher, 0.2), Samples(random_inputs(teacher, 40)),
+                 FitConfig(holdout=0.0, solver="q", augment="none", reselect=False))
+    mapped = {"pw1", "m0"} & {p.student for p in result.report.points}
+    assert mapped and all(p.status == "kept" for p in result.report.points if p.student in mapped)
+    assert result.report.after.relative_error < result.report.before.relative_error
