@@ -29,6 +29,7 @@ MIN_GAIN = 1e-3
 # Below this relative error the student already matches (float32 noise): there is nothing to fit.
 NOISE_FLOOR = 1e-5
 _FEATURE_BYTES = 1 << 27  # bound on one chunk of im2col patches (float64)
+Stats = GramStats | MappedGramStats  # a point's sums: in its output's coordinates, or its input's
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,6 @@ def _accumulate(stats_pair: tuple[GramStats, GramStats], rows: Rows, chunk: int,
         for start in range(part.start, part.stop, chunk):
             features, target = make(slice(start, min(start + chunk, part.stop)))
             stats.add(features, target)
-
-
-Stats = GramStats | MappedGramStats
 
 
 def _guard(fit_stats: Stats, held_stats: Stats, current: np.ndarray, candidate: np.ndarray) -> tuple[float, float, bool]:
