@@ -337,21 +337,18 @@ def wide_patch_net() -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("stride,padded", [(1, False), (2, False), (1, True)])
-@pytest.mark.parametrize("sliced", [True, False])
 @pytest.mark.parametrize("make", [resnet_net, wide_patch_net])
-def test_patch_probe_sums_match_im2col_in_float64(make, stride, sliced, padded, monkeypatch):
-    """The full solver's sums of [x 1] (x: im2col patches, cut by strided slices of the padded input, or
-    by a one-hot conv when the output size is unknown) against the target, as NumPy's float64 im2col
-    gives them, through padding, strides, the residual sum target, Grams put together from blocks and
-    (stride-1 3×3 convs) from shifted channel products. ``padded``: CUDA's one batch shape (forced onto
-    the CPU provider), which pads the one-hot conv's probes only: sliced patches hold no conv."""
+def test_patch_probe_sums_match_im2col_in_float64(make, stride, padded, monkeypatch):
+    """The full solver's sums of [x 1] (x: im2col patches, from one grouped one-hot conv) against the
+    target, as NumPy's float64 im2col gives them, through padding, strides, the residual sum target,
+    Grams put together from blocks and (stride-1 3×3 convs) from shifted channel products. ``padded``:
+    CUDA's one batch shape (forced onto the CPU provider), which leaves patch probes unpadded (a padded
+    batch could not use the shifted products)."""
     if padded:
         monkeypatch.setattr(runtime, "_ONE_SHAPE_DEVICES", ("cuda", "cpu"))
     model = make()
     graph = GraphIndex(model)
     feeds = inputs_for(model, 9)
-    if not sliced:
-        monkeypatch.setattr(probes, "_conv_output_size", lambda point, graph: None)
     points = [p for p in find_points(graph).points if p.op_type == "Conv" and full_form(p, graph) is not None]
     shifted_used = []
     if make is resnet_net:
@@ -362,19 +359,18 @@ def test_patch_probe_sums_match_im2col_in_float64(make, stride, sliced, padded, 
         t = (1.1 * y + 0.2 * np.random.default_rng(5).normal(size=y.shape) - 1.0).astype(np.float32)
         probe = StatsProbe(point, graph, np.arange(point.channels), point.channels, CPU, stride=stride,
                            full=full_form(point, graph).linear_map)
-        assert (probe.grid is not None) == sliced
         node = graph.node_by_name[point.name]
         same_size = graph.shapes[point.weight][2:] == (3, 3) and all(
             list(a.ints) == ([1] * 4 if a.name == "pads" else [1, 1]) for a in node.attribute if a.name in ("pads", "strides"))
-        assert probe.padded == (padded and not sliced)  # only the one-hot conv's probe holds a conv
-        assert (probe.shifted is not None) == (same_size and sliced and stride == 1 and not probe.padded)
+        assert not probe.padded
+        assert (probe.shifted is not None) == (same_size and stride == 1)
         shifted_used.append(probe.shifted is not None)
         features = full_form(point, graph).current.shape[0] - 1
         blocked = probe.shifted is None and features >= 512
         assert ("Gxx/0/1" in probe.outputs) == blocked and ("Gxx/3/3" in probe.outputs) == (blocked and features >= 1024)
         stats = probe.accumulate(ProbeFeeds(got[point.input], sampled_rows(t, stride)), [slice(0, 9)], 4)[0]
         assert_close(stats, patch_reference(point, graph, got[point.input], t, stride), 2e-5)
-    assert any(shifted_used) == (sliced and stride == 1)
+    assert any(shifted_used) == (stride == 1)
 
 
 @pytest.mark.parametrize("make", [resnet_net, vgg_net])
@@ -577,8 +573,8 @@ def test_shifted_gram_is_the_im2col_gram_in_float64():
     for samples, offset in ((2, 3.0), (3, -1.5)):
         x = rng.normal(size=(samples, channels, h, w)) + offset * np.arange(1, channels + 1)[None, :, None, None]
         padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-        patches.append(np.stack([padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=1)
-                       .transpose(0, 3, 4, 1, 2).reshape(-1, 9 * channels))  # features (i, j, c): patch_grid
+        patches.append(np.stack([padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=2)
+                       .transpose(0, 3, 4, 1, 2).reshape(-1, 9 * channels))  # features (c, i, j): the weight's
         m = x.mean(axis=(0, 2, 3))
         centred = (x - m[None, :, None, None]).transpose(1, 0, 2, 3)
         values = {"shifted/m": m, "shifted/M": centred.sum(axis=1)}
@@ -589,9 +585,8 @@ def test_shifted_gram_is_the_im2col_gram_in_float64():
         gram.add(values, samples)
     rows = np.concatenate(patches)
     np.testing.assert_allclose(gram.gram(), rows.T @ rows, rtol=1e-12, atol=1e-9)
-    # In the weight's order (c, i, j), written into the leading block of a wider matrix (the system's).
+    # Written into the leading block of a wider matrix (the system's).
     system = np.full((9 * channels + 1, 9 * channels + 1), np.nan)
-    gram.gram(system[:-1, :-1], weight_order=True)
-    weight_rows = rows.reshape(-1, 9, channels).transpose(0, 2, 1).reshape(-1, 9 * channels)
-    np.testing.assert_allclose(system[:-1, :-1], weight_rows.T @ weight_rows, rtol=1e-12, atol=1e-9)
+    gram.gram(system[:-1, :-1])
+    np.testing.assert_allclose(system[:-1, :-1], rows.T @ rows, rtol=1e-12, atol=1e-9)
     assert np.isnan(system[-1]).all() and np.isnan(system[:, -1]).all()
