@@ -243,8 +243,7 @@ class _Sums:
 
     @property
     def xx(self) -> np.ndarray:
-        if self._shifted is not None:
-            return self._shifted.gram()[None]
+        """Σx·xᵀ per block from the batches' centred products (a shifted-product Gram: xx_into)."""
         return self._gxx + self._shift_terms("sx", "Sx", "sx", "Sx")
 
     def xx_into(self, out: np.ndarray) -> None:
@@ -278,18 +277,7 @@ class _Sums:
             return MappedGramStats(*via_input, self.xx[0], self.xd[0], self.x[0], self.d[0], self.dd, self.n)
         if not self.n:
             return GramStats.empty(point.channels, blocks=point.groups)
-        n = self.n
-        yy, yd, sum_y = self.xx, self.xd, self.x
-        blocks, k = sum_y.shape
-        zz = np.zeros((blocks, k + 1, k + 1))
-        zz[:, :k, :k] = yy
-        zz[:, :k, k] = zz[:, k, :k] = sum_y
-        zz[:, k, k] = n
-        zt = np.empty((blocks, k + 1, k))
-        zt[:, :k] = yd + yy
-        zt[:, k] = self.d + sum_y
-        tt = self.dd + 2.0 * float(np.einsum("bii->", yd)) + float(np.einsum("bii->", yy))
-        return GramStats(zz, zt, tt, int(round(n)))
+        return GramStats.from_residual_sums(self.xx, self.xd, self.x, self.d, self.dd, self.n)
 
     def patch_stats(self, a: np.ndarray, b: np.ndarray) -> GramStats:
         """[X 1]ᵀ[X 1], [X 1]ᵀT and ΣT² with T = D + Y and y = A·x + b, x in A's feature order. Σx·xᵀ is

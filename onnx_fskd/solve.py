@@ -70,8 +70,7 @@ def solve_adapter(stats: GramStats | MappedGramStats, ridge: float, fit_bias: bo
     count, k1, size = stats.zt.shape
     keep = k1 if fit_bias else size
     gram, cross = stats.zz[:, :keep, :keep], stats.zt[:, :keep]
-    diag = np.einsum("bii->bi", gram[:, :size, :size])
-    lam = ridge * diag.mean(axis=1) + 1e-12 * (diag.max() + 1.0)
+    lam = _strength(np.einsum("bii->bi", gram[:, :size, :size]), ridge)
     idx = np.arange(size)
     penalty = np.zeros_like(gram)
     penalty[:, idx, idx] = lam[:, None]
@@ -91,9 +90,7 @@ def _solve_mapped(stats: MappedGramStats, ridge: float, fit_bias: bool) -> Adapt
     right-hand sides instead of a (C+1)² one, and Q − I stays proportional to the residual. Without
     a bias the same holds for the uncentred sums of [x 1], with [A b] as the map."""
     a, b, n = stats.a, stats.b, stats.n
-    ax = a @ stats.x
-    diagonal = np.einsum("ij,ij->i", a @ stats.xx, a) + 2.0 * b * ax + n * b * b  # of Σy·yᵀ, as solve_adapter's λ
-    lam = ridge * diagonal.mean() + 1e-12 * (diagonal.max() + 1.0)
+    lam = _strength(stats.y_squares()[None], ridge)[0]
     if fit_bias:
         mean_x, mean_d = stats.x / n, stats.d / n
         covariance = stats.xx - n * np.outer(mean_x, mean_x)
@@ -107,8 +104,14 @@ def _solve_mapped(stats: MappedGramStats, ridge: float, fit_bias: bool) -> Adapt
     gain = np.linalg.solve(system, cross.T).T  # (C, r): Q = I + gain·mappingᵀ
     q = gain @ mapping.T
     q[np.arange(len(b)), np.arange(len(b))] += 1.0
-    d = mean_d - gain @ (a.T @ (ax / n + b)) if fit_bias else np.zeros(len(b))
+    d = mean_d - gain @ (a.T @ (a @ mean_x + b)) if fit_bias else np.zeros(len(b))
     return Adapter(q[None], d)
+
+
+def _strength(diagonal: np.ndarray, ridge: float) -> np.ndarray:
+    """λ per block from the diagonals (B, k) of its Gram ΣY·Yᵀ: ``ridge`` times their mean, plus a floor
+    that keeps a system of all-zero inputs solvable."""
+    return ridge * diagonal.mean(axis=1) + 1e-12 * (diagonal.max() + 1.0)
 
 
 def solve_weights(stats: GramStats, prior: np.ndarray, ridge: float, fit_bias: bool) -> np.ndarray:

@@ -30,6 +30,22 @@ class GramStats:
         k, m = features // blocks, targets // blocks
         return cls(np.zeros((blocks, k + 1, k + 1)), np.zeros((blocks, k + 1, m)), 0.0, 0)
 
+    @classmethod
+    def from_residual_sums(cls, yy: np.ndarray, yd: np.ndarray, y: np.ndarray, d: np.ndarray, dd: float,
+                           n: float) -> "GramStats":
+        """The sums of [y 1] against t = d + y from those of y and of the residual d per block: Σy·yᵀ and
+        Σy·dᵀ (B, k, k), Σy and Σd (B, k), Σ‖d‖² and the row count n."""
+        blocks, k = y.shape
+        zz = np.zeros((blocks, k + 1, k + 1))
+        zz[:, :k, :k] = yy
+        zz[:, :k, k] = zz[:, k, :k] = y
+        zz[:, k, k] = n
+        zt = np.empty((blocks, k + 1, k))
+        zt[:, :k] = yd + yy
+        zt[:, k] = d + y
+        tt = dd + 2.0 * float(np.einsum("bii->", yd)) + float(np.einsum("bii->", yy))
+        return cls(zz, zt, tt, int(round(n)))
+
     def __add__(self, other: "GramStats") -> "GramStats":
         return GramStats(self.zz + other.zz, self.zt + other.zt, self.tt + other.tt, self.rows + other.rows)
 
@@ -108,13 +124,16 @@ class MappedGramStats:
     def rows(self) -> int:
         return int(round(self.n))
 
+    def y_squares(self) -> np.ndarray:
+        """Σy² per output channel: the diagonal of Σy·yᵀ."""
+        a, b = self.a, self.b
+        return np.einsum("ij,ij->i", a @ self.xx, a) + 2.0 * b * (a @ self.x) + self.n * b * b
+
     @property
     def tt(self) -> float:
         """ΣT², with t = d + y."""
-        a, b = self.a, self.b
-        yd = float(np.einsum("ij,ji->", a, self.xd)) + float(b @ self.d)
-        yy = float(np.einsum("ij,ij->", a @ self.xx, a)) + 2.0 * float(b @ (a @ self.x)) + self.n * float(b @ b)
-        return self.dd + 2.0 * yd + yy
+        yd = float(np.einsum("ij,ji->", self.a, self.xd)) + float(self.b @ self.d)
+        return self.dd + 2.0 * yd + float(self.y_squares().sum())
 
     def __add__(self, other: "MappedGramStats") -> "MappedGramStats":
         return MappedGramStats(self.a, self.b, self.xx + other.xx, self.xd + other.xd, self.x + other.x,
@@ -126,16 +145,7 @@ class MappedGramStats:
         ax = a @ self.x
         yy = a @ self.xx @ a.T + np.outer(ax, b) + np.outer(b, ax) + n * np.outer(b, b)
         yd = a @ self.xd + np.outer(b, self.d)
-        sum_y = ax + n * b
-        k = len(b)
-        zz = np.zeros((1, k + 1, k + 1))
-        zz[0, :k, :k] = yy
-        zz[0, :k, k] = zz[0, k, :k] = sum_y
-        zz[0, k, k] = n
-        zt = np.empty((1, k + 1, k))
-        zt[0, :k] = yd + yy
-        zt[0, k] = self.d + sum_y
-        return GramStats(zz, zt, self.dd + 2.0 * float(np.trace(yd)) + float(np.trace(yy)), self.rows)
+        return GramStats.from_residual_sums(yy[None], yd[None], (ax + n * b)[None], self.d[None], self.dd, n)
 
     def squared_error(self, p: np.ndarray) -> float:
         """Σ‖t − [y 1]·P‖² for P = [Qᵀ; dᵀ] of shape (1, C+1, C), as the residual left once the change
