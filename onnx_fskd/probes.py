@@ -34,7 +34,7 @@ from .graph import GraphIndex
 from .ops.base import attribute, explicit_pads
 from .points import CorrectionPoint
 from .runtime import make_session, one_batch_shape, pad_batch, rows_within_arena
-from .sampling import grid_slice, strided_copies, strided_tail
+from .sampling import grid_node, strided_copies, strided_tail
 from .solver_policy import patch_features
 from .stats import GramStats, MappedGramStats
 
@@ -650,9 +650,8 @@ class GraphBuilder:
 
     def sampled(self, tensor: str, stride: int) -> str:
         """Every ``stride``-th row and column of an (N, C, H, W) tensor."""
-        node, constants = grid_slice(tensor, f"fskd/t{len(self.nodes)}", stride)
+        node = grid_node(tensor, f"fskd/t{len(self.nodes)}", stride)
         self.nodes.append(node)
-        self.initializers.extend(constants)
         return node.output[0]
 
     def rows(self, planes: str) -> str:

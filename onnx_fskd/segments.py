@@ -25,7 +25,7 @@ from .memory import ActivationMemory
 from .ops.base import explicit_pads
 from .points import CorrectionPoint, linear_op_for_type
 from .runtime import make_session, rows_within_arena, run_batched
-from .sampling import grid_slice, sample_positions, strided_copies
+from .sampling import grid_node, sample_positions, strided_copies
 from .solve import Adapter
 from .shapes import weightless_copy
 
@@ -265,7 +265,7 @@ def _apply_first(model: onnx.ModelProto, corrections: dict[str, Adapter]) -> Non
 
 def _add_sampled_outputs(segment: onnx.ModelProto, sampled: dict[str, tuple[str, int]], bases: list[str],
                          graph_index: GraphIndex) -> None:
-    """Nodes for the sampled outputs (a strided copy of the producing conv, or a Slice); tensors cut only to
+    """Nodes for the sampled outputs (a strided copy of the producing conv, or sampling.grid_node); tensors cut only to
     be sampled stop being outputs."""
     graph = segment.graph
     types = {output.name: output.type.tensor_type.elem_type for output in graph.output}
@@ -276,9 +276,7 @@ def _add_sampled_outputs(segment: onnx.ModelProto, sampled: dict[str, tuple[str,
             outputs = [f"{name}/t{index}" for index in range(len(recipe) - 1)] + [name]
             graph.node.extend(strided_copies(recipe, outputs, stride, f"{name}/copy"))
             continue
-        node, constants = grid_slice(tensor, name, stride)
-        graph.initializer.extend(constants)
-        graph.node.append(node)
+        graph.node.append(grid_node(tensor, name, stride))
     kept = [output for output in graph.output if output.name not in bases]
     del graph.output[:]
     graph.output.extend(kept)

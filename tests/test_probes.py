@@ -21,7 +21,7 @@ from onnx_fskd.pipeline import FitConfig, fit
 from onnx_fskd.points import find_points
 from onnx_fskd.probes import ProbeFeeds, StatsProbe, probe_blocker
 from onnx_fskd.runtime import make_session, run_batched
-from onnx_fskd.sampling import position_stride
+from onnx_fskd.sampling import grid_node, position_stride, sample_positions
 from onnx_fskd.segments import SegmentRunner
 from onnx_fskd.stats import GramStats, MappedGramStats, as_planes
 from test_fit import outputs, perturbed
@@ -420,6 +420,20 @@ def test_position_stride_keeps_a_grid_and_enough_rows_per_feature():
     assert stride("wide", 100, features=1999) == 1  # 100·32² rows < 64 rows per feature × 2000
     assert stride("wide", 64, features=99) == 2    # 64·32² rows suffice, 64·22² are under 2¹⁵ in all
     assert stride("wide", 16) == 1                 # 16·32² rows: under 2¹⁵, every row is kept
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4])
+@pytest.mark.parametrize("opset", [9, OPSET])
+def test_grid_node_picks_the_sampled_positions(stride, opset):
+    """The in-graph grid (segments' sampled outputs, probes' sampled inputs) is sample_positions exactly,
+    on odd map sizes too, also under opsets before Slice took steps."""
+    node = grid_node("x", "y", stride)
+    graph = helper.make_graph([node], "grid", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", opset)])
+    x = np.random.default_rng(stride).normal(size=(3, 5, 13, 10)).astype(np.float32)
+    got = make_session(model, CPU).run(["y"], {"x": x})[0]
+    np.testing.assert_array_equal(got, sample_positions(x, stride))
 
 
 def test_fit_on_sampled_positions_stays_close_to_all_positions():
