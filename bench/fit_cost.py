@@ -170,6 +170,72 @@ def profiled() -> Profile:
     return profile
 
 
+def fit_once(args: argparse.Namespace, teacher, student, feeds: dict[str, np.ndarray], providers: list[str],
+             profile: Profile, passes, before: float) -> tuple[float, float, float]:
+    """One fit between two floor measurements (``before`` given, the after-floor run here), its report
+    printed: (fit seconds, floor seconds, after-floor seconds)."""
+    runtime.UNTUNED_CUDA_OPTIONS.update(option.split("=", 1) for option in args.cuda_option)
+    kept_heap = contextlib.ExitStack()
+    if args.prefault is not None:
+        from onnx_fskd.memory import parse_size
+
+        kept_heap.enter_context(retained_heap())  # entered before the fit's own, left after it: kept throughout
+        np.ones(parse_size(args.prefault) // 8)  # written, then freed at once: the heap keeps the pages
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    options = dict(batch_size=args.batch, provider=args.provider, mode=args.mode, points=args.points,
+                   solver=args.solver, augment=args.augment)
+    if args.stats_positions != "auto":  # older versions (measured for comparison) have no such option
+        options["stats_positions"] = args.stats_positions
+    if args.max_memory is not None:
+        from onnx_fskd.memory import parse_size
+
+        options["max_memory"] = parse_size(args.max_memory)
+    # cProfile (Python 3.12+) records every thread: the memory sampler's waits would swallow the fit's own time.
+    profiler = cProfile.Profile() if args.cprofile else contextlib.nullcontext()
+    sampler = contextlib.nullcontext(AnonymousPeak()) if args.cprofile else AnonymousPeak()
+    with kept_heap, sampler as anonymous, SessionCount() as sessions, profiler:
+        result = fit(teacher, student, Samples(feeds), FitConfig(**options))
+        fit_time = time.perf_counter() - start
+        fit_usage = resource.getrusage(resource.RUSAGE_SELF)
+    if args.cprofile:
+        profiler.dump_stats(args.cprofile)
+    after = passes()
+    floor = min(before, after)  # the machine may be shared: the fastest forward is the conservative floor
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.report.seconds.items())
+    print(f"| {args.net} | {args.solver} | {args.augment} | {args.batch} | {args.samples} | {result.report.samples_fit + result.report.samples_augmented + result.report.samples_heldout} | {result.report.provider} | {len(result.report.points)} | {floor:.3g} s "
+          f"| {fit_time:.1f} s | **{fit_time / floor:.2f}** | {stages} |")
+    print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB"
+          + (f", peak anonymous memory during the fit: {anonymous.peak / 2**30:.2f} GB" if anonymous.peak else "")
+          + (f"; cache peaks {result.report.memory['peak_in_ram_bytes'] / 2**30:.2f} GB in RAM, "
+             f"{result.report.memory['peak_mapped_bytes'] / 2**30:.2f} GB mapped "
+             f"(budget {result.report.memory['limit_bytes'] / 2**30:.2f} GB)" if getattr(result.report, "memory", None)
+             else ""))
+    print(f"forward floor measured before the fit {before:.3g} s, after it {after:.3g} s")
+    # A minor fault maps a 4 KiB page, or a 2 MiB one where NumPy asked for transparent huge pages: the
+    # count times 4 KiB is a lower bound of the memory written afresh; the anonymous memory's growth
+    # (peak less start) is what the fit held beyond what the process already had.
+    grown = (f"; anonymous memory grew by {(anonymous.peak - anonymous.start) / 2**30:.2f} GiB during it"
+             if anonymous.peak and anonymous.start else "")
+    print(f"fit: system time {fit_usage.ru_stime - usage.ru_stime:.1f} s, user {fit_usage.ru_utime - usage.ru_utime:.1f} s; "
+          f"minor page faults {fit_usage.ru_minflt - usage.ru_minflt} "
+          f"({(fit_usage.ru_minflt - usage.ru_minflt) * resource.getpagesize() / 2**30:.2f} GiB as 4 KiB pages, a lower bound)"
+          + grown + (f"; {args.prefault} prefaulted before it (included in the peaks above)" if args.prefault else ""))
+    print(f"sessions created by the fit: {sessions.count}, {sessions.seconds:.1f} s set-up in all"
+          + (f" (CUDA options of the fit's sessions: {runtime.session_providers(providers, True)[0][1]})"
+             if result.report.provider == "cuda" else ""))
+    split = dict(profile.seconds, verify=result.report.seconds.get("verify", 0.0))
+    split["other"] = fit_time - sum(split.values())
+    print("profile: " + ", ".join(f"{k} {v:.1f}s ({100 * v / fit_time:.0f}%)" for k, v in split.items()))
+    statistics = {p.statistics for p in result.report.points}
+    print(f"statistics computed in: {', '.join(sorted(statistics))}; points kept: "
+          f"{sum(p.status == 'kept' for p in result.report.points)}/{len(result.report.points)}, "
+          f"held-out output error {result.report.before.relative_error:.4f} → {result.report.after.relative_error:.4f}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}; "
+          f"code: {Path(correct.__file__).parent}")
+    return fit_time, floor, after
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--net", choices=["resnet18", "mobilenet"], default="resnet18")
@@ -203,79 +269,19 @@ def main() -> None:
             return forward_seconds(teacher, feeds, providers, args.batch) + forward_seconds(student, feeds, providers, args.batch)
 
     ratios: list[tuple[float, float]] = []  # (fit seconds, floor seconds) per repeat
-    after = None
+    last_floor = passes()  # each fit's floor before it is the last one's after it
     profile = profiled()
     for _ in range(max(args.repeat, 1)):
         gc.collect()  # the last fit's runners gone: profiled() tells teacher from student by their order
         profile.seconds.clear()
-        before = passes() if after is None else after  # the last run's after-floor
-        runtime.UNTUNED_CUDA_OPTIONS.update(option.split("=", 1) for option in args.cuda_option)
-        kept_heap = contextlib.ExitStack()
-        if args.prefault is not None:
-            from onnx_fskd.memory import parse_size
-
-            kept_heap.enter_context(retained_heap())  # entered before the fit's own, left after it: kept throughout
-            np.ones(parse_size(args.prefault) // 8)  # written, then freed at once: the heap keeps the pages
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        start = time.perf_counter()
-        options = dict(batch_size=args.batch, provider=args.provider, mode=args.mode, points=args.points,
-                       solver=args.solver, augment=args.augment)
-        if args.stats_positions != "auto":  # older versions (measured for comparison) have no such option
-            options["stats_positions"] = args.stats_positions
-        if args.max_memory is not None:
-            from onnx_fskd.memory import parse_size
-
-            options["max_memory"] = parse_size(args.max_memory)
-        # cProfile (Python 3.12+) records every thread: the memory sampler's waits would swallow the fit's own time.
-        profiler = cProfile.Profile() if args.cprofile else contextlib.nullcontext()
-        sampler = contextlib.nullcontext(AnonymousPeak()) if args.cprofile else AnonymousPeak()
-        with kept_heap, sampler as anonymous, SessionCount() as sessions, profiler:
-            result = fit(teacher, student, Samples(feeds), FitConfig(**options))
-            fit_time = time.perf_counter() - start
-            fit_usage = resource.getrusage(resource.RUSAGE_SELF)
-        if args.cprofile:
-            profiler.dump_stats(args.cprofile)
-        after = passes()
-        floor = min(before, after)  # the machine may be shared: the fastest forward is the conservative floor
-        stages = ", ".join(f"{k} {v:.1f}s" for k, v in result.report.seconds.items())
-        print(f"| {args.net} | {args.solver} | {args.augment} | {args.batch} | {args.samples} | {result.report.samples_fit + result.report.samples_augmented + result.report.samples_heldout} | {result.report.provider} | {len(result.report.points)} | {floor:.3g} s "
-              f"| {fit_time:.1f} s | **{fit_time / floor:.2f}** | {stages} |")
-        print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB"
-              + (f", peak anonymous memory during the fit: {anonymous.peak / 2**30:.2f} GB" if anonymous.peak else "")
-              + (f"; cache peaks {result.report.memory['peak_in_ram_bytes'] / 2**30:.2f} GB in RAM, "
-                 f"{result.report.memory['peak_mapped_bytes'] / 2**30:.2f} GB mapped "
-                 f"(budget {result.report.memory['limit_bytes'] / 2**30:.2f} GB)" if getattr(result.report, "memory", None)
-                 else ""))
-        print(f"forward floor measured before the fit {before:.3g} s, after it {after:.3g} s")
-        # A minor fault maps a 4 KiB page, or a 2 MiB one where NumPy asked for transparent huge pages: the
-        # count times 4 KiB is a lower bound of the memory written afresh; the anonymous memory's growth
-        # (peak less start) is what the fit held beyond what the process already had.
-        grown = (f"; anonymous memory grew by {(anonymous.peak - anonymous.start) / 2**30:.2f} GiB during it"
-                 if anonymous.peak and anonymous.start else "")
-        print(f"fit: system time {fit_usage.ru_stime - usage.ru_stime:.1f} s, user {fit_usage.ru_utime - usage.ru_utime:.1f} s; "
-              f"minor page faults {fit_usage.ru_minflt - usage.ru_minflt} "
-              f"({(fit_usage.ru_minflt - usage.ru_minflt) * resource.getpagesize() / 2**30:.2f} GiB as 4 KiB pages, a lower bound)"
-              + grown + (f"; {args.prefault} prefaulted before it (included in the peaks above)" if args.prefault else ""))
-        print(f"sessions created by the fit: {sessions.count}, {sessions.seconds:.1f} s set-up in all"
-              + (f" (CUDA options of the fit's sessions: {runtime.session_providers(providers, True)[0][1]})"
-                 if result.report.provider == "cuda" else ""))
-        split = dict(profile.seconds, verify=result.report.seconds.get("verify", 0.0))
-        split["other"] = fit_time - sum(split.values())
-        print("profile: " + ", ".join(f"{k} {v:.1f}s ({100 * v / fit_time:.0f}%)" for k, v in split.items()))
-        statistics = {p.statistics for p in result.report.points}
-        print(f"statistics computed in: {', '.join(sorted(statistics))}; points kept: "
-              f"{sum(p.status == 'kept' for p in result.report.points)}/{len(result.report.points)}, "
-              f"held-out output error {result.report.before.relative_error:.4f} → {result.report.after.relative_error:.4f}")
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}; "
-              f"code: {Path(correct.__file__).parent}")
-
+        fit_time, floor, last_floor = fit_once(args, teacher, student, feeds, providers, profile, passes, last_floor)
         ratios.append((fit_time, floor))
-        del result
     if len(ratios) > 1:
         fits, floors = [f for f, _ in ratios], [f for _, f in ratios]
         print(f"over {len(ratios)} fits: ratio median {float(np.median([f / g for f, g in ratios])):.2f} "
               f"({', '.join(f'{f / g:.2f}' for f, g in ratios)}), fit {min(fits):.1f}–{max(fits):.1f} s, "
               f"floor {min(floors):.3g}–{max(floors):.3g} s")
+
 
 if __name__ == "__main__":
     main()
