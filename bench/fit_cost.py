@@ -174,7 +174,6 @@ def fit_once(args: argparse.Namespace, teacher, student, feeds: dict[str, np.nda
              profile: Profile, passes, before: float) -> tuple[float, float, float]:
     """One fit between two floor measurements (``before`` given, the after-floor run here), its report
     printed: (fit seconds, floor seconds, after-floor seconds)."""
-    runtime.UNTUNED_CUDA_OPTIONS.update(option.split("=", 1) for option in args.cuda_option)
     kept_heap = contextlib.ExitStack()
     if args.prefault is not None:
         from onnx_fskd.memory import parse_size
@@ -270,6 +269,7 @@ def main() -> None:
 
     ratios: list[tuple[float, float]] = []  # (fit seconds, floor seconds) per repeat
     last_floor = passes()  # each fit's floor before it is the last one's after it
+    runtime.UNTUNED_CUDA_OPTIONS.update(option.split("=", 1) for option in args.cuda_option)  # the fits' sessions only
     profile = profiled()
     for _ in range(max(args.repeat, 1)):
         gc.collect()  # the last fit's runners gone: profiled() tells teacher from student by their order

@@ -159,7 +159,8 @@ class StatsProbe:
 
     def accumulate(self, feeds: ProbeFeeds, parts: list[slice], batch_size: int
                    ) -> list[GramStats | MappedGramStats]:
-        """One GramStats per part of the samples (fit rows, held-out rows), batches never straddling parts."""
+        """The sums of each part of the samples (fit rows, held-out rows), batches never straddling parts:
+        MappedGramStats for a point summed from its input (via_input), else GramStats."""
         results = []
         batch_size = min(batch_size, self.max_rows)
         rows = min(batch_size, max(part.stop - part.start for part in parts))  # of every batch, when padded
